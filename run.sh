@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Thin dispatcher. Usage:
+#   bash run.sh exp00 [key=value ...] [--data DIR] [--profile demo|none] [--restart]   train one experiment
+#   bash run.sh test [pytest args]                                                   run the test suite
+#   bash run.sh demo-data [--root DIR --seed N --scale S]                            make the demo dataset
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+has_requirements() { "$1" -m src.envcheck requirements.txt >/dev/null 2>&1; }
+
+# Use .venv, else the Python in use if it already has the pinned packages, else build .venv once.
+pick_python() {
+  if [ -x .venv/bin/python ] && has_requirements .venv/bin/python; then echo .venv/bin/python; return; fi
+  local system_python="${PYTHON:-python3}"
+  if has_requirements "$system_python"; then echo "$system_python"; return; fi
+  echo "Setting up .venv: $system_python lacks the pinned packages ($("$system_python" -m src.envcheck requirements.txt --verbose | head -c 300))." >&2
+  echo "Creating .venv and installing requirements.txt into it (one time, a few minutes; log in .venv/install.log)." >&2
+  "$system_python" -m venv .venv
+  if ! .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt >.venv/install.log 2>&1; then
+    grep -v '^WARNING: Location' .venv/install.log | tail -n 20 >&2
+    echo "error: installing requirements.txt into .venv failed (full log: .venv/install.log)" >&2
+    exit 1
+  fi
+  echo "Installed the pinned requirements into .venv." >&2
+  echo .venv/bin/python
+}
+
+command="${1:-help}"
+case "$command" in
+  help|-h|--help)
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    echo "experiments: $(cd configs && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
+    exit 0 ;;
+esac
+
+PY="$(pick_python)"
+shift || true
+case "$command" in
+  test) exec "$PY" -m pytest -q tests "$@" ;;
+  demo-data) exec "$PY" -m src.cli demo-data "$@" ;;
+  *)
+    if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
+    echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2
+    exit 2 ;;
+esac

@@ -1,0 +1,140 @@
+"""Command line behind run.sh: `python -m src.cli run EXP [key=value ...]` and `python -m src.cli demo-data`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+INPUTS = REPO / "inputs"
+DEMO_ROOT = INPUTS / "demo"
+
+
+def banner(lines: list[str]) -> None:
+    rule = "=" * 100
+    print("\n".join([rule, *(f"  {line}" for line in lines), rule]), flush=True)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def ensure_demo_data(root: Path, seed: int, scale: float, reason: str) -> None:
+    from .demo_data import DEMO_MARKER, generate_demo_dataset
+
+    if (root / DEMO_MARKER).is_file():
+        banner([f"DEMO DATA: {reason}", f"using the built-in procedural demo dataset in {root}.",
+                "Put the competition files in inputs/ (see README) to train on the real data."])
+        return
+    banner([f"DEMO DATA: {reason}", f"generating the built-in procedural demo dataset in {root} "
+            f"(seed {seed}, counts scaled by {scale}; no downloads).",
+            "Put the competition files in inputs/ (see README) to train on the real data."])
+    started = time.time()
+    generate_demo_dataset(root, seed=seed, scale=scale)
+    log(f"demo data ready in {time.time() - started:.0f}s")
+
+
+def resolve_data_root(data_arg: str | None) -> Path:
+    """--data DIR if given; else inputs/ when it holds train.csv; else the demo dataset (made on first use)."""
+    if data_arg:
+        root = Path(data_arg)
+        if not (root / "train.csv").is_file():
+            raise UserError(f"--data {root}: no train.csv there; put the competition files in it "
+                            "or leave out --data to use the demo data")
+        return root
+    if (INPUTS / "train.csv").is_file():
+        return INPUTS
+    ensure_demo_data(DEMO_ROOT, seed=0, scale=0.1, reason="inputs/ holds no competition data (inputs/train.csv "
+                     "is missing),")
+    return DEMO_ROOT
+
+
+def choose_profile(requested: str) -> str | None:
+    if requested == "none":
+        return None
+    if requested != "auto":
+        return requested
+    import torch
+
+    return None if torch.cuda.is_available() else "demo"
+
+
+def command_run(args: argparse.Namespace) -> None:
+    from .config import resolve_config
+    from .data import load_competition_data
+    from .experiment import run_experiment
+
+    profile = choose_profile(args.profile)
+    cfg, profile_changes = resolve_config(args.experiment, profile, args.overrides)
+    if profile:
+        reason = "no CUDA device: " if args.profile == "auto" else ""
+        changes = [f"{key}: {before} -> {after}" for key, (before, after) in profile_changes.items()]
+        banner([f"{reason}using the '{profile}' profile (configs/profiles/{profile}.yaml), which changed:",
+                *changes, "Run on a GPU (or pass --profile none) for the experiment as published."])
+    data_root = resolve_data_root(args.data)
+    data = load_competition_data(data_root, cfg.data.label_fixes, log=log)
+    log(f"data: {data_root} ({'demo' if data.is_demo else 'competition'}): {len(data.train)} train images, "
+        f"{len(data.test)} test images, {len(data.classes)} artists")
+    run_experiment(cfg, data, Path(args.outputs), Path(args.submissions),
+                   extra_info={"profile": profile, "overrides": list(args.overrides),
+                               "command": " ".join(sys.argv)},
+                   restart=args.restart, log=log)
+
+
+def command_demo_data(args: argparse.Namespace) -> None:
+    from .demo_data import generate_demo_dataset
+
+    root = generate_demo_dataset(Path(args.root), seed=args.seed, scale=args.scale)
+    log(f"demo dataset in {root}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bash run.sh", description="Artist classification: 5-fold CV pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train an experiment's folds; write OOF, test probabilities and submission",
+                         epilog="Any number of key=value arguments override the config, e.g. train.epochs=3.")
+    run.add_argument("experiment", help="config name under configs/, e.g. exp00")
+    run.add_argument("--data", help="data root holding train.csv etc. (default: inputs/, else the demo data)")
+    run.add_argument("--profile", default="auto",
+                     help="profile under configs/profiles/ ('auto': demo without CUDA; 'none': no profile)")
+    run.add_argument("--restart", action="store_true", help="discard this experiment's outputs and start over")
+    run.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
+    run.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
+    run.set_defaults(handler=command_run)
+    demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")
+    demo.add_argument("--root", default=str(DEMO_ROOT))
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scale", type=float, default=0.1, help="fraction of the real per-artist counts")
+    demo.set_defaults(handler=command_demo_data)
+    return parser
+
+
+def one_line(error: Exception) -> str:
+    """The message of a UserError, also when a DataLoader worker wrapped it in a traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ") if lines else repr(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in args.overrides]
+    if unknown or (args.overrides and args.command != "run"):
+        parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished folds are kept, rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

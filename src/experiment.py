@@ -1,0 +1,112 @@
+"""One experiment end to end: resolved config on disk, shared folds, every fold trained (finished folds of
+the same config and data are kept), then the OOF table, the fold-averaged test probabilities and the
+submission."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import ExperimentConfig, result_fingerprint, run_info
+from .data import CompetitionData, shared_folds
+from .errors import UserError
+from .io_utils import write_csv, write_yaml
+from .metrics import macro_f1, scores
+from .runtime import select_device
+from .submission import submission_from_probs, write_submission
+from .train import DONE_FILE, train_fold
+
+
+def fold_status(fold_dir: Path, fingerprint: str) -> str:
+    """'done' when the fold finished with this config and data, 'stale' when with others, else 'todo'."""
+    done = fold_dir / DONE_FILE
+    if not done.is_file():
+        return "todo"
+    return "done" if json.loads(done.read_text())["fingerprint"] == fingerprint else "stale"
+
+
+def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold_ids: list[int]) -> pd.DataFrame:
+    """One row per train id: id, fold, artist (true), pred, one probability column per artist."""
+    parts = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "val_probs.csv", dtype={"id": str}) for k in fold_ids])
+    counts = parts["id"].value_counts()
+    if (counts > 1).any() or len(counts) != len(data.train) or not set(counts.index) == set(data.train["id"]):
+        raise UserError(f"{out_dir}: fold predictions do not cover every train id exactly once; "
+                        "rerun with --restart")
+    probs = parts.set_index("id").reindex(data.train["id"])[data.classes].to_numpy()
+    oof = pd.DataFrame({"id": data.train["id"], "fold": folds["fold"].to_numpy(), "artist": data.train["artist"],
+                        "pred": np.asarray(data.classes)[probs.argmax(axis=1)]})
+    return pd.concat([oof, pd.DataFrame(probs, columns=data.classes)], axis=1)
+
+
+def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -> pd.DataFrame:
+    per_fold = [pd.read_csv(out_dir / f"fold{k}" / "test_probs.csv", dtype={"id": str}).set_index("id")
+                .reindex(data.test["id"])[data.classes].to_numpy() for k in fold_ids]
+    frame = pd.DataFrame(np.mean(per_fold, axis=0), columns=data.classes)
+    frame.insert(0, "id", data.test["id"].to_numpy())
+    return frame
+
+
+def demo_test_f1(submission: pd.DataFrame, solution: pd.DataFrame) -> float:
+    truth = solution.set_index("id")["artist"].reindex(submission["id"])
+    return macro_f1(truth.to_numpy(), submission["artist"].to_numpy())
+
+
+def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
+                   extra_info: dict[str, Any], restart: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, float]:
+    """Train the configured folds; once all folds are done write oof.csv, test_probs.csv and the submission."""
+    started = time.time()
+    out_dir = outputs / cfg.name
+    if restart and out_dir.exists():
+        shutil.rmtree(out_dir)
+        log(f"--restart: removed {out_dir}")
+    fingerprint = result_fingerprint(cfg, data.fingerprint())
+    write_yaml({**cfg.model_dump(mode="json"),
+                "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
+                        "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
+                        "result_fingerprint": fingerprint}}, out_dir / "config.yaml")
+    folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+    device = select_device()
+    all_folds = list(range(cfg.data.n_folds))
+    for fold in cfg.train.folds if cfg.train.folds is not None else all_folds:
+        if fold not in all_folds:
+            raise UserError(f"train.folds: fold {fold} does not exist (data.n_folds={cfg.data.n_folds})")
+        fold_dir = out_dir / f"fold{fold}"
+        status = fold_status(fold_dir, fingerprint)
+        if status == "stale":
+            raise UserError(f"{fold_dir} holds a fold trained with another config or data; "
+                            f"rerun with --restart to discard {out_dir}, or name a new experiment")
+        if status == "done":
+            log(f"{cfg.name} fold {fold}: already complete, skipped")
+            continue
+        train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log)
+
+    pending = [k for k in all_folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
+    if pending:
+        log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
+            f"{cfg.data.n_folds} folds are done")
+        return {}
+    oof = assemble_oof(out_dir, data, folds, all_folds)
+    write_csv(oof, out_dir / "oof.csv")
+    test_probs = mean_test_probs(out_dir, data, all_folds)
+    write_csv(test_probs, out_dir / "test_probs.csv")
+    submission = submission_from_probs(test_probs, data.sample_submission, data.classes)
+    submission_path = submissions / f"{cfg.name}.csv"
+    write_submission(submission, submission_path, data.sample_submission, data.classes)
+
+    labels = data.train["label"].to_numpy()
+    result = {f"cv_{k}": v for k, v in scores(labels, oof[data.classes].to_numpy()).items()}
+    summary = (f"{cfg.name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, "
+               f"{cfg.data.n_folds} folds)")
+    if data.solution is not None:
+        result["test_macro_f1"] = demo_test_f1(submission, data.solution)
+        summary += f" | demo test macro F1 {result['test_macro_f1']:.4f} ({len(submission)} crops, solution.csv)"
+    log(f"wrote {out_dir / 'oof.csv'}, {out_dir / 'test_probs.csv'}, {submission_path}")
+    log(f"{summary} | {(time.time() - started) / 60:.1f} min")
+    return result

@@ -1,0 +1,31 @@
+"""Batched prediction: class probabilities (softmax in float32) for every image of a loader."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .runtime import autocast
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
+                  criterion: nn.Module | None = None, desc: str = "predict") -> tuple[np.ndarray, float | None]:
+    """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known)."""
+    model.eval()
+    probs, total_loss, seen = [], 0.0, 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, amp, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        if criterion is not None:
+            labels = labels.to(device, non_blocking=True)
+            total_loss += criterion(logits, labels).item() * len(images)
+            seen += len(images)
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+    loss = total_loss / seen if criterion is not None and seen else None
+    return np.concatenate(probs), loss

@@ -1,0 +1,152 @@
+"""The training loop, written once: one fold per call. Every technique is an option of the config.
+
+A fold trains on the other folds' images, validates every epoch on its own fold (macro F1), keeps the
+best epoch's weights and validation probabilities (its share of the OOF), stops early after `patience`
+epochs without improvement, and finally predicts the test set with the best weights.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import ExperimentConfig
+from .data import CompetitionData, ImageDataset
+from .errors import UserError
+from .inference import predict_probs
+from .io_utils import save_torch, write_csv, write_json
+from .losses import build_loss
+from .metrics import scores
+from .models import build_model, normalisation
+from .optim import build_optimizer, build_scheduler
+from .runtime import autocast, amp_dtype, seed_everything, worker_count
+from .transforms import build_eval_transform, build_train_transform
+
+DONE_FILE = "done.json"
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    best_epoch: int
+    best_macro_f1: float
+    epochs_run: int
+
+
+def _loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, shuffle: bool,
+            seed: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      drop_last=shuffle and len(dataset) > batch_size,
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "id", list(ids))
+    return frame
+
+
+def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg: ExperimentConfig,
+                     device: torch.device, epoch: int, desc: str) -> float:
+    model.train()
+    total, seen = 0.0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
+    for step, (images, labels) in enumerate(bar):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, cfg.train.amp, cfg.train.amp_dtype):
+            loss = criterion(model(images), labels)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch} step {step} "
+                            f"(lr {optimizer.param_groups[0]['lr']:.2e}); lower optimizer.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(images)
+        seen += len(images)
+        bar.set_postfix(loss=f"{total / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return total / max(seen, 1)
+
+
+def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame, fold: int, fold_dir: Path,
+               device: torch.device, fingerprint: str, log: Callable[[str], None] = print) -> FoldResult:
+    """Train one fold and write best.pt, last.pt, history.csv, val_probs.csv, test_probs.csv, done.json."""
+    seed_everything(cfg.seed + fold)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    is_val = (folds["fold"] == fold).to_numpy()
+    train_rows, val_rows = data.train[~is_val], data.train[is_val]
+
+    model = build_model(cfg.model, len(data.classes)).to(device)
+    mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+    workers = worker_count(cfg.train.num_workers, device)
+    eval_transform = build_eval_transform(cfg, mean, std)
+    train_loader = _loader(ImageDataset(train_rows["path"], train_rows["label"],
+                                        build_train_transform(cfg, mean, std, seed=cfg.seed + fold)),
+                           cfg.train.batch_size, workers, device, shuffle=True, seed=cfg.seed + fold)
+    val_loader = _loader(ImageDataset(val_rows["path"], val_rows["label"], eval_transform),
+                         cfg.inference.batch_size, workers, device, shuffle=False)
+
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
+    use_scaler = device.type == "cuda" and cfg.train.amp and amp_dtype(cfg.train.amp_dtype) == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    criterion = build_loss(cfg.loss)
+
+    history, best_f1, best_epoch, best_val_probs = [], -1.0, 0, None
+    name = f"{cfg.name} fold {fold}"
+    log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
+        f"at {cfg.input.img_size}px on {device.type}")
+    for epoch in range(1, cfg.train.epochs + 1):
+        started = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = _train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cfg, device,
+                                      epoch, desc=f"{name} epoch {epoch}")
+        val_probs, val_loss = predict_probs(model, val_loader, device, cfg.train.amp, cfg.train.amp_dtype,
+                                            criterion=criterion, desc=f"{name} validate")
+        val = scores(val_rows["label"].to_numpy(), val_probs)
+        improved = val["macro_f1"] > best_f1
+        if improved:
+            best_f1, best_epoch, best_val_probs = val["macro_f1"], epoch, val_probs
+            save_torch({"model": model.state_dict(), "epoch": epoch, "val_macro_f1": best_f1,
+                        "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "best.pt")
+        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "last.pt")
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
+                        "seconds": round(time.time() - started, 1)})
+        write_csv(pd.DataFrame(history), fold_dir / "history.csv")
+        log(f"{name} epoch {epoch}/{cfg.train.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
+            f"val macro F1 {val['macro_f1']:.4f}  acc {val['accuracy']:.4f}  lr {lr:.2e}  "
+            f"{time.time() - started:.0f}s{'  *best*' if improved else ''}")
+        if cfg.train.patience and epoch - best_epoch >= cfg.train.patience:
+            log(f"{name}: early stop, no better val macro F1 for {cfg.train.patience} epochs")
+            break
+
+    best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
+    test_loader = _loader(ImageDataset(data.test["path"], None, eval_transform), cfg.inference.batch_size,
+                          workers, device, shuffle=False)
+    test_probs, _ = predict_probs(model, test_loader, device, cfg.train.amp, cfg.train.amp_dtype,
+                                  desc=f"{name} test")
+    write_csv(probs_frame(val_rows["id"], best_val_probs, data.classes), fold_dir / "val_probs.csv")
+    write_csv(probs_frame(data.test["id"], test_probs, data.classes), fold_dir / "test_probs.csv")
+    result = FoldResult(fold=fold, best_epoch=best_epoch, best_macro_f1=best_f1, epochs_run=len(history))
+    write_json({"fingerprint": fingerprint, **result.__dict__}, fold_dir / DONE_FILE)
+    log(f"{name}: best val macro F1 {best_f1:.4f} at epoch {best_epoch}")
+    return result

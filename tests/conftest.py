@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny demo dataset and one finished tiny experiment, made once per test session."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from src.cli import main as cli_main
+from src.demo_data import generate_demo_dataset
+
+# Small enough for a 2-core CPU: 6 artists, tiny images, one epoch at 48 px, batch 8.
+TINY_RUN = ["--profile", "demo", "input.img_size=48", "train.epochs=1", "train.batch_size=8",
+            "inference.batch_size=32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "demo"
+    generate_demo_dataset(root, seed=0, scale=0.02, min_per_artist=6, n_artists=6, min_side=64, max_side=112)
+    return root
+
+
+@pytest.fixture
+def data_copy(tiny_root, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may break."""
+    return Path(shutil.copytree(tiny_root, tmp_path / "data"))
+
+
+def run_cli(*args: str) -> int:
+    return cli_main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_root, tmp_path_factory):
+    """exp00 on the tiny data, all 5 folds, in the demo profile."""
+    work = tmp_path_factory.mktemp("run")
+    outputs, submissions = work / "outputs", work / "submissions"
+    code = run_cli("run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
+                   *TINY_RUN)
+    assert code == 0
+    return {"root": tiny_root, "outputs": outputs, "submissions": submissions, "exp": outputs / "exp00"}

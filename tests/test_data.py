@@ -1,0 +1,148 @@
+"""Loading the competition layout: each bad input stops with one line naming the file, line and problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.data import load_competition_data, make_folds, read_image, shared_folds
+from src.errors import UserError
+
+from .conftest import run_cli
+
+
+def rewrite(path: Path, edit) -> None:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(df).to_csv(path, index=False)
+
+
+def load_error(root: Path) -> str:
+    with pytest.raises(UserError) as info:
+        load_competition_data(root)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_loads_the_demo_layout(tiny_root):
+    data = load_competition_data(tiny_root)
+    assert data.is_demo and data.solution is not None
+    assert len(data.classes) == 6 and data.classes == sorted(data.classes)
+    assert data.train["label"].between(0, 5).all()
+    assert data.test["id"].tolist() == pd.read_csv(tiny_root / "test.csv")["id"].tolist()
+
+
+def test_missing_column(data_copy):
+    rewrite(data_copy / "train.csv", lambda df: df.drop(columns=["artist"]))
+    message = load_error(data_copy)
+    assert "train.csv" in message and "missing column 'artist'" in message
+
+
+def test_duplicate_id(data_copy):
+    rewrite(data_copy / "train.csv", lambda df: df.assign(id=df["id"].where(df.index != 3, df["id"][1])))
+    message = load_error(data_copy)
+    assert "train.csv line 5" in message and "duplicate id" in message and "line 3" in message
+
+
+def test_empty_label(data_copy):
+    def blank(df):
+        df.loc[7, "artist"] = " "
+        return df
+    rewrite(data_copy / "train.csv", blank)
+    message = load_error(data_copy)
+    assert "train.csv line 9" in message and "empty artist" in message
+
+
+def test_missing_image(data_copy):
+    first = pd.read_csv(data_copy / "train.csv")["img_path"][0]
+    (data_copy / first).unlink()
+    message = load_error(data_copy)
+    assert "train.csv line 2" in message and "not found" in message and first in message
+
+
+def test_unreadable_image(data_copy):
+    first = pd.read_csv(data_copy / "test.csv")["img_path"][2]
+    (data_copy / first).write_bytes(b"this is not a jpeg")
+    message = load_error(data_copy)
+    assert "test.csv line 4" in message and "not a readable image" in message
+
+
+def test_zero_byte_image(data_copy):
+    first = pd.read_csv(data_copy / "train.csv")["img_path"][0]
+    (data_copy / first).write_bytes(b"")
+    assert "zero-byte" in load_error(data_copy)
+
+
+def test_path_escaping_the_data_root(data_copy):
+    outside = data_copy.parent / "outside.jpg"
+    outside.write_bytes((data_copy / pd.read_csv(data_copy / "train.csv")["img_path"][0]).read_bytes())
+
+    def escape(df):
+        df.loc[0, "img_path"] = "../outside.jpg"
+        return df
+    rewrite(data_copy / "train.csv", escape)
+    message = load_error(data_copy)
+    assert "train.csv line 2" in message and "escapes the data root" in message
+
+
+def test_test_ids_differ_from_sample_submission(data_copy):
+    rewrite(data_copy / "sample_submission.csv", lambda df: df.assign(id=df["id"].replace(df["id"][0], "TEST_X")))
+    message = load_error(data_copy)
+    assert "differ from sample_submission.csv" in message and "TEST_X" in message
+
+
+def test_byte_order_mark_and_stray_spaces_are_tolerated(data_copy):
+    path = data_copy / "train.csv"
+    text = path.read_text().replace(",", ", ")
+    path.write_bytes("\ufeff".encode() + text.encode())
+    data = load_competition_data(data_copy)
+    assert list(data.train.columns[:3]) == ["id", "img_path", "artist"]
+    assert not data.train["artist"].str.startswith(" ").any()
+
+
+def test_label_fixes_correct_rows_and_skip_absent_ids(data_copy):
+    train = pd.read_csv(data_copy / "train.csv", dtype=str)
+    other = sorted(set(train["artist"]) - {train["artist"][0]})[0]
+    notes = []
+    data = load_competition_data(data_copy, {int(train["id"][0]): other, 99999: other}, log=notes.append)
+    assert data.train.loc[0, "artist"] == other
+    assert data.train.loc[0, "label"] == data.classes.index(other)
+    assert any("99999" in n and "skipped" in n for n in notes)
+    with pytest.raises(UserError, match="not an artist"):
+        load_competition_data(data_copy, {int(train["id"][0]): "Nobody"})
+
+
+def test_folds_are_stratified_and_identical_across_runs(tiny_root, tmp_path):
+    data = load_competition_data(tiny_root)
+    first = shared_folds(data, 5, 42, tmp_path / "folds")
+    again = shared_folds(data, 5, 42, tmp_path / "folds")
+    fresh = make_folds(data.train["id"], data.train["artist"], 5, 42)
+    assert (first["fold"].to_numpy() == again["fold"].to_numpy()).all()
+    assert (first["fold"].to_numpy() == fresh).all()
+    per_class = pd.crosstab(first["artist"], first["fold"])
+    assert (per_class.max(axis=1) - per_class.min(axis=1) <= 1).all()
+    assert len(list((tmp_path / "folds").glob("*.csv"))) == 1
+    other_seed = make_folds(data.train["id"], data.train["artist"], 5, 7)
+    assert not (other_seed == fresh).all()
+
+
+def test_read_image_converts_greyscale_and_alpha_to_rgb(tmp_path):
+    import cv2
+
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((5, 7), 128, np.uint8))
+    rgba = tmp_path / "alpha.png"
+    cv2.imwrite(str(rgba), np.full((5, 7, 4), 200, np.uint8))
+    assert read_image(str(grey)).shape == (5, 7, 3)
+    assert read_image(str(rgba)).shape == (5, 7, 3)
+
+
+def test_command_line_gives_one_line_and_nonzero_exit(data_copy, tmp_path, capsys):
+    rewrite(data_copy / "train.csv", lambda df: df.drop(columns=["img_path"]))
+    code = run_cli("run", "exp00", "--data", data_copy, "--outputs", tmp_path / "o", "--submissions", tmp_path / "s",
+                   "--profile", "demo")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [err[0]] and err[0].startswith("error: ") and "missing column 'img_path'" in err[0]

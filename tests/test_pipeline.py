@@ -1,0 +1,80 @@
+"""End to end: `run exp00` on tiny demo data writes every promised file, with honest contents."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from src.data import load_competition_data
+from src.submission import validate_submission
+
+from .conftest import TINY_RUN, run_cli
+
+
+def test_every_fold_writes_its_files(finished_run):
+    for fold in range(5):
+        fold_dir = finished_run["exp"] / f"fold{fold}"
+        for name in ("best.pt", "last.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json"):
+            assert (fold_dir / name).is_file(), f"{fold_dir / name} missing"
+        history = pd.read_csv(fold_dir / "history.csv")
+        assert list(history.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
+                                         "seconds"]
+        assert history["epoch"].tolist() == [1]
+
+
+def test_oof_covers_every_train_id_once_with_probabilities(finished_run):
+    data = load_competition_data(finished_run["root"])
+    oof = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})
+    assert list(oof.columns[:4]) == ["id", "fold", "artist", "pred"]
+    assert list(oof.columns[4:]) == data.classes
+    assert sorted(oof["id"]) == sorted(data.train["id"]) and oof["id"].is_unique
+    np.testing.assert_allclose(oof[data.classes].sum(axis=1), 1.0, atol=1e-4)
+    assert (oof["pred"] == oof[data.classes].idxmax(axis=1)).all()
+    assert set(oof["fold"]) == set(range(5))
+
+
+def test_test_probs_are_the_mean_of_the_fold_models(finished_run):
+    data = load_competition_data(finished_run["root"])
+    test_probs = pd.read_csv(finished_run["exp"] / "test_probs.csv", dtype={"id": str})
+    folds = [pd.read_csv(finished_run["exp"] / f"fold{k}" / "test_probs.csv", dtype={"id": str})
+             for k in range(5)]
+    expected = np.mean([f[data.classes].to_numpy() for f in folds], axis=0)
+    np.testing.assert_allclose(test_probs[data.classes].to_numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(test_probs[data.classes].sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_submission_follows_sample_submission(finished_run):
+    data = load_competition_data(finished_run["root"])
+    submission = pd.read_csv(finished_run["submissions"] / "exp00.csv", dtype=str, keep_default_na=False)
+    assert submission["id"].tolist() == data.sample_submission["id"].tolist()
+    validate_submission(submission, data.sample_submission, data.classes)
+
+
+def test_resolved_config_records_provenance(finished_run):
+    saved = yaml.safe_load((finished_run["exp"] / "config.yaml").read_text())
+    assert saved["name"] == "exp00" and saved["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert saved["input"]["img_size"] == 48
+    assert saved["run"]["profile"] == "demo"
+    assert len(saved["run"]["git_commit"]) == 40 or saved["run"]["git_commit"] == "unknown"
+    assert saved["run"]["packages"]["torch"].startswith("2.")
+    assert saved["run"]["packages"]["timm"].startswith("1.0")
+
+
+def test_rerun_skips_finished_folds_and_prints_scores(finished_run, capsys):
+    before = (finished_run["exp"] / "fold0" / "best.pt").stat().st_mtime_ns
+    code = run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", finished_run["outputs"],
+                   "--submissions", finished_run["submissions"], *TINY_RUN)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("already complete, skipped") == 5
+    assert (finished_run["exp"] / "fold0" / "best.pt").stat().st_mtime_ns == before
+    last = out.strip().splitlines()[-1]
+    assert "CV macro F1" in last and "demo test macro F1" in last
+
+
+def test_changed_config_refuses_to_mix_with_finished_folds(finished_run, capsys):
+    code = run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", finished_run["outputs"],
+                   "--submissions", finished_run["submissions"], *TINY_RUN, "optimizer.lr=0.01")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "--restart" in err[0] and "fold0" in err[0]
