@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from .demo_data import DEMO_MARKER
 from .errors import UserError
 from .io_utils import write_csv
 
-DEMO_MARKER = "DEMO.json"
 TRAIN_COLUMNS = ("id", "img_path", "artist")
 TEST_COLUMNS = ("id", "img_path")
 SUBMISSION_COLUMNS = ("id", "artist")
