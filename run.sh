@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Thin dispatcher. Usage:
 #   bash run.sh exp00 [key=value ...] [--data DIR] [--profile demo|none] [--restart]   train one experiment
+#   bash run.sh ladder [exp01 exp02 ...] [key=value ...]                             several experiments in turn
 #   bash run.sh test [pytest args]                                                   run the test suite
 #   bash run.sh demo-data [--root DIR --seed N --scale S]                            make the demo dataset
 set -euo pipefail
@@ -37,7 +38,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data) exec "$PY" -m src.cli demo-data "$@" ;;
+  demo-data|ladder) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

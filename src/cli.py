@@ -62,26 +62,44 @@ def choose_profile(requested: str) -> str | None:
     return None if torch.cuda.is_available() else "demo"
 
 
-def command_run(args: argparse.Namespace) -> None:
+def command_run(args: argparse.Namespace, experiment: str | None = None) -> None:
     from .config import resolve_config
     from .data import load_competition_data
     from .experiment import run_experiment
 
     profile = choose_profile(args.profile)
-    cfg, profile_changes = resolve_config(args.experiment, profile, args.overrides)
+    cfg, profile_changes = resolve_config(experiment or args.experiment, profile, args.overrides)
     if profile:
         reason = "no CUDA device: " if args.profile == "auto" else ""
         changes = [f"{key}: {before} -> {after}" for key, (before, after) in profile_changes.items()]
         banner([f"{reason}using the '{profile}' profile (configs/profiles/{profile}.yaml), which changed:",
                 *changes, "Run on a GPU (or pass --profile none) for the experiment as published."])
     data_root = resolve_data_root(args.data)
-    data = load_competition_data(data_root, cfg.data.label_fixes, log=log)
+    data = load_competition_data(data_root, cfg.data.label_fixes, log=log,
+                                 style_transfer=cfg.data.style_transfer)
     log(f"data: {data_root} ({'demo' if data.is_demo else 'competition'}): {len(data.train)} train images, "
         f"{len(data.test)} test images, {len(data.classes)} artists")
     run_experiment(cfg, data, Path(args.outputs), Path(args.submissions),
                    extra_info={"profile": profile, "overrides": list(args.overrides),
                                "command": " ".join(sys.argv)},
                    restart=args.restart, log=log)
+
+
+def command_ladder(args: argparse.Namespace) -> None:
+    """Run experiments in turn (finished folds are skipped); a failing one is reported and the rest go on."""
+    from .config import CONFIG_DIR
+
+    names = args.experiments or sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
+    failures = []
+    for name in names:
+        banner([f"ladder: {name} ({names.index(name) + 1} of {len(names)})"])
+        try:
+            command_run(args, experiment=name)
+        except UserError as error:
+            failures.append(f"{name} ({one_line(error)})")
+            log(f"ladder: {name} failed: {one_line(error)}")
+    if failures:
+        raise UserError(f"ladder: {len(failures)} of {len(names)} experiments failed: {'; '.join(failures)}")
 
 
 def command_demo_data(args: argparse.Namespace) -> None:
@@ -94,16 +112,21 @@ def command_demo_data(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bash run.sh", description="Artist classification: 5-fold CV pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
+    epilog = "Any number of key=value arguments override the config, e.g. train.epochs=3."
     run = sub.add_parser("run", help="train an experiment's folds; write OOF, test probabilities and submission",
-                         epilog="Any number of key=value arguments override the config, e.g. train.epochs=3.")
+                         epilog=epilog)
     run.add_argument("experiment", help="config name under configs/, e.g. exp00")
-    run.add_argument("--data", help="data root holding train.csv etc. (default: inputs/, else the demo data)")
-    run.add_argument("--profile", default="auto",
-                     help="profile under configs/profiles/ ('auto': demo without CUDA; 'none': no profile)")
-    run.add_argument("--restart", action="store_true", help="discard this experiment's outputs and start over")
-    run.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
-    run.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
+    ladder = sub.add_parser("ladder", help="run several experiments in turn, skipping finished folds", epilog=epilog)
+    ladder.add_argument("experiments", nargs="*", help="config names (default: every configs/exp*.yaml)")
+    for command in (run, ladder):
+        command.add_argument("--data", help="data root holding train.csv etc. (default: inputs/, else the demo data)")
+        command.add_argument("--profile", default="auto",
+                             help="profile under configs/profiles/ ('auto': demo without CUDA; 'none': no profile)")
+        command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
+        command.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
+        command.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
     run.set_defaults(handler=command_run)
+    ladder.set_defaults(handler=command_ladder)
     demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")
     demo.add_argument("--root", default=str(DEMO_ROOT))
     demo.add_argument("--seed", type=int, default=0)
@@ -121,9 +144,12 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "ladder":
+        extra += [name for name in args.experiments if "=" in name]
+        args.experiments = [name for name in args.experiments if "=" not in name]
     args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in args.overrides]
-    if unknown or (args.overrides and args.command != "run"):
+    if unknown or (args.overrides and args.command not in ("run", "ladder")):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
         args.handler(args)

@@ -37,6 +37,7 @@ class DataConfig(_Strict):
     fold_seed: int = 42
     label_fixes: dict[int, str] = Field(default_factory=dict,
                                         description="train id -> corrected artist for known noisy rows")
+    style_transfer: bool = Field(False, description="add the generated images of style_transfer.csv to training")
 
 
 class ModelConfig(_Strict):
@@ -55,7 +56,15 @@ class InputConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    train: Literal["resize"] = "resize"
+    crop: Literal["none", "random", "mimic"] = Field(
+        "none", description="none: resize the whole image to the input size; random: resize to resize_scale x "
+        "size then random crop; mimic: short side to mimic_scale x size then random crop of about a quarter of "
+        "the area, like the test crops (validation takes the centre crop of the same geometry)")
+    resize_scale: float = Field(2.0, ge=1.0)
+    mimic_scale: float = Field(800 / 384, ge=1.0)
+    strong: bool = Field(False, description="the published set: transpose, flips, affine, hue/saturation, "
+                         "brightness/contrast, channel shuffle, coarse dropout")
+    extra_colour: bool = Field(False, description="colour jitter, gamma and greyscale on top")
 
 
 class OptimizerConfig(_Strict):
@@ -63,15 +72,22 @@ class OptimizerConfig(_Strict):
     lr: float = Field(..., gt=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = 0.9
+    sam_rho: Optional[float] = Field(None, ge=0, description="wrap the optimiser in SAM with this rho")
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["constant"] = "constant"
+    name: Literal["constant", "cosine_warm_restarts"] = "constant"
+    cycle_epochs: float = Field(5, gt=0, description="length of the first cosine cycle")
+    cycle_mult: float = Field(1.0, ge=1.0, description="each cycle is this many times longer than the last")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up iterations at the start of every cycle")
+    gamma: float = Field(0.7, gt=0, le=1.0, description="peak lr multiplier at each restart")
+    min_lr: float = Field(5e-6, ge=0)
 
 
 class LossConfig(_Strict):
-    name: Literal["cross_entropy"] = "cross_entropy"
+    name: Literal["cross_entropy", "focal"] = "cross_entropy"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
 
 
 class TrainConfig(_Strict):
@@ -83,6 +99,10 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
     amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
     grad_clip_norm: Optional[float] = Field(None, gt=0)
+    cutmix_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of batches mixed by CutMix")
+    cutmix_alpha: float = Field(1.0, gt=0)
+    sampler: Literal["none", "inverse_count", "inverse_log_count"] = Field(
+        "none", description="draw images with weight total/count or total/log(count) of their artist")
 
 
 class InferenceConfig(_Strict):

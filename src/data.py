@@ -25,6 +25,8 @@ from .io_utils import write_csv
 TRAIN_COLUMNS = ("id", "img_path", "artist")
 TEST_COLUMNS = ("id", "img_path")
 SUBMISSION_COLUMNS = ("id", "artist")
+STYLE_CSV = "style_transfer.csv"
+STYLE_COLUMNS = ("id", "img_path", "artist", "style_source_id", "content_source_id")
 
 
 @dataclass
@@ -36,10 +38,15 @@ class CompetitionData:
     classes: list[str]
     is_demo: bool
     solution: Optional[pd.DataFrame]  # demo data only: the true artist of every test id
+    style: Optional[pd.DataFrame] = None  # generated training images (style_transfer.csv), when asked for
 
-    def fingerprint(self) -> str:
-        """Identifies the train labels and images listed, so results from other data are never reused."""
-        payload = "\n".join(f"{i},{p},{a}" for i, p, a in self.train[list(TRAIN_COLUMNS)].itertuples(index=False))
+    def fingerprint(self, with_style: bool = False) -> str:
+        """Identifies the train labels and images listed (and the generated images, if asked), so results from
+        other data are never reused. Folds are keyed by the train part alone."""
+        frames = [self.train[list(TRAIN_COLUMNS)]]
+        if with_style and self.style is not None:
+            frames.append(self.style[list(STYLE_COLUMNS)])
+        payload = "\n".join(",".join(row) for frame in frames for row in frame.itertuples(index=False))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -129,8 +136,38 @@ def _apply_label_fixes(train: pd.DataFrame, label_fixes: dict[int, str], classes
     return notes
 
 
+def load_style_images(root: Path, train: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """The generated images of style_transfer.csv, checked like train.csv; their sources must be train ids."""
+    path = root / STYLE_CSV
+    if not path.is_file():
+        raise UserError(f"data.style_transfer is on but {path} does not exist; generate the style-transfer images "
+                        f"first (bash run.sh style --rarest 11 --per-artist 5) or turn data.style_transfer off")
+    style = read_csv(path, STYLE_COLUMNS)
+    _check_ids(style, path)
+    known_ids = set(train["id"])
+    for column in ("style_source_id", "content_source_id"):
+        unknown = style.index[~style[column].isin(known_ids)]
+        if len(unknown):
+            raise UserError(f"{path} line {line_of(unknown[0])}: {column} '{style.at[unknown[0], column]}' is not a "
+                            "train id; regenerate the style-transfer images for this data")
+    unknown = style.index[~style["artist"].isin(classes)]
+    if len(unknown):
+        raise UserError(f"{path} line {line_of(unknown[0])}: artist '{style.at[unknown[0], 'artist']}' is not in "
+                        "train.csv")
+    style["path"] = _resolve_images(style, path, root)
+    style["label"] = style["artist"].map({name: i for i, name in enumerate(classes)}).astype(int)
+    return style.reset_index(drop=True)
+
+
+def style_images_for_fold(style: pd.DataFrame, val_ids: set[str]) -> pd.DataFrame:
+    """Generated images fold k may train on: neither their style source nor their content source is in fold
+    k's validation set, so no validation painting leaks into training through a generated copy."""
+    leaks = style["style_source_id"].isin(val_ids) | style["content_source_id"].isin(val_ids)
+    return style[~leaks]
+
+
 def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[int, str]] = None,
-                          log: Callable[[str], None] = print) -> CompetitionData:
+                          log: Callable[[str], None] = print, style_transfer: bool = False) -> CompetitionData:
     root = Path(root)
     train_path, test_path = root / "train.csv", root / "test.csv"
     sample_path = root / "sample_submission.csv"
@@ -164,9 +201,10 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
     solution = None
     if (root / "solution.csv").is_file():
         solution = read_csv(root / "solution.csv", SUBMISSION_COLUMNS)
+    style = load_style_images(root, train, classes) if style_transfer else None
     return CompetitionData(root=root, train=train.reset_index(drop=True), test=test.reset_index(drop=True),
                            sample_submission=sample, classes=classes, is_demo=(root / DEMO_MARKER).is_file(),
-                           solution=solution)
+                           solution=solution, style=style)
 
 
 def make_folds(ids: pd.Series, labels: pd.Series, n_folds: int, seed: int) -> np.ndarray:

@@ -66,7 +66,7 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
     if restart and out_dir.exists():
         shutil.rmtree(out_dir)
         log(f"--restart: removed {out_dir}")
-    fingerprint = result_fingerprint(cfg, data.fingerprint())
+    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
     write_yaml({**cfg.model_dump(mode="json"),
                 "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
                         "data_root": str(data.root), "data_fingerprint": data.fingerprint(),

@@ -1,20 +1,116 @@
-"""Optimisers and learning-rate schedules. Schedules are stepped once per training iteration."""
+"""Optimisers (Adam, AdamW, SGD, optionally wrapped in SAM) and learning-rate schedules.
+
+Schedules are stepped once per training iteration. The warm-restart schedule and SAM are written here
+because no maintained library implements them faithfully: torch's CosineAnnealingWarmRestarts has no
+repeated warm-up and no decay of the peak, and SAM is not in torch.
+"""
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 
 from .config import OptimizerConfig, SchedulerConfig
 
 
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimisation (Foret et al., 2021) around any base optimiser.
+
+    Each step takes two forward-backward passes: the first gradient moves the weights to the nearby
+    worst case w + rho * g / ||g||; the gradient there updates the original weights through the base
+    optimiser. At rho = 0 this is exactly the base optimiser (with twice the compute).
+    """
+
+    def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs):
+        if rho < 0:
+            raise ValueError(f"SAM rho must be >= 0, got {rho}")
+        super().__init__(params, dict(kwargs))
+        self.rho = rho
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def _ascend(self) -> None:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2) if grads else torch.tensor(0.0)
+        scale = self.rho / (norm + 1e-12)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                offset = p.grad * scale.to(p)
+                p.add_(offset)
+                self.state[p]["sam_offset"] = offset
+
+    @torch.no_grad()
+    def _descend(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "sam_offset" in self.state[p]:
+                    p.sub_(self.state[p].pop("sam_offset"))
+        self.base_optimizer.step()
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        """`closure` zeroes the gradients, runs forward and backward, and returns the loss. Returns the
+        loss at the original weights."""
+        loss = closure()
+        self._ascend()
+        closure()
+        self._descend()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+
+
 def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    base, kwargs = {
+        "adam": (torch.optim.Adam, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)),
+        "adamw": (torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)),
+        "sgd": (torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)),
+    }[cfg.name]
+    if cfg.sam_rho is not None:
+        return SAM(params, base, rho=cfg.sam_rho, **kwargs)
+    return base(params, **kwargs)
+
+
+def warm_restart_lr(step: int, cycle_steps: int, cycle_mult: float, warmup_steps: int, peak: float,
+                    gamma: float, floor: float) -> float:
+    """Cosine annealing with warm restarts and a linear warm-up repeated at every restart.
+
+    Cycle i lasts cycle_steps * cycle_mult**i iterations and peaks at peak * gamma**i. Within a cycle,
+    at iteration t: warm-up floor -> peak over the first warmup_steps iterations, then a cosine from the
+    peak down to the floor at the cycle's end.
+    """
+    cycle, start, length = 0, 0, cycle_steps
+    while step >= start + length:
+        start += length
+        cycle += 1
+        length = max(1, round(cycle_steps * cycle_mult ** cycle))
+    t = step - start
+    top = peak * gamma ** cycle
+    if t < warmup_steps:
+        return floor + (top - floor) * t / warmup_steps
+    progress = (t - warmup_steps) / max(1, length - warmup_steps)
+    return floor + (top - floor) * (1 + math.cos(math.pi * progress)) / 2
 
 
 def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """'constant' keeps the optimiser's learning rate."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    """'constant' keeps the optimiser's learning rate; 'cosine_warm_restarts' follows warm_restart_lr
+    with the optimiser's lr as the first peak."""
+    if cfg.name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    peak = optimizer.param_groups[0]["lr"]
+    cycle_steps = max(1, round(cfg.cycle_epochs * steps_per_epoch))
+    warmup = min(cfg.warmup_steps, cycle_steps - 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warm_restart_lr(
+        step, cycle_steps, cfg.cycle_mult, warmup, peak, cfg.gamma, cfg.min_lr) / peak)

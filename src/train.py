@@ -20,15 +20,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .data import CompetitionData, ImageDataset
+from .data import CompetitionData, ImageDataset, style_images_for_fold
 from .errors import UserError
 from .inference import predict_probs
 from .io_utils import save_torch, write_csv, write_json
 from .losses import build_loss
 from .metrics import scores
 from .models import build_model, normalisation
-from .optim import build_optimizer, build_scheduler
+from .optim import SAM, build_optimizer, build_scheduler
 from .runtime import autocast, amp_dtype, seed_everything, worker_count
+from .sampler import build_sampler
 from .transforms import build_eval_transform, build_train_transform
 
 DONE_FILE = "done.json"
@@ -42,12 +43,26 @@ class FoldResult:
     epochs_run: int
 
 
-def _loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, shuffle: bool,
-            seed: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      drop_last=shuffle and len(dataset) > batch_size,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+def _loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
+            seed: int = 0, sampler=None) -> DataLoader:
+    """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      drop_last=train and len(dataset) > batch_size,
+                      generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)
+
+
+def build_cutmix(cfg: ExperimentConfig, n_classes: int):
+    """timm's CutMix on whole batches with probability cutmix_prob; correct_lam makes the target weights
+    equal the pasted area after clipping at the border."""
+    if not cfg.train.cutmix_prob:
+        return None
+    if cfg.train.batch_size % 2:
+        raise UserError(f"train.cutmix_prob needs an even train.batch_size, got {cfg.train.batch_size}")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=0.0, cutmix_alpha=cfg.train.cutmix_alpha, prob=cfg.train.cutmix_prob,
+                 switch_prob=0.0, mode="batch", correct_lam=True, label_smoothing=0.0, num_classes=n_classes)
 
 
 def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -56,26 +71,36 @@ def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg: ExperimentConfig,
+def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cutmix, cfg: ExperimentConfig,
                      device: torch.device, epoch: int, desc: str) -> float:
     model.train()
     total, seen = 0.0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty())
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, cfg.train.amp, cfg.train.amp_dtype):
-            loss = criterion(model(images), labels)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch} step {step} "
-                            f"(lr {optimizer.param_groups[0]['lr']:.2e}); lower optimizer.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        targets = labels.to(device, non_blocking=True)
+        if cutmix is not None:
+            images, targets = cutmix(images, targets)
+
+        def forward_backward() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, cfg.train.amp, cfg.train.amp_dtype):
+                loss = criterion(model(images), targets)
+            if not math.isfinite(loss.item()):
+                raise UserError(f"{desc}: loss became {loss.item()} at epoch {epoch} step {step} "
+                                f"(lr {optimizer.param_groups[0]['lr']:.2e}); lower optimizer.lr or check the data")
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
+            return loss
+
+        if isinstance(optimizer, SAM):
+            loss = optimizer.step(forward_backward)
+        else:
+            loss = forward_backward()
+            scaler.step(optimizer)
+            scaler.update()
         scheduler.step()
         total += loss.item() * len(images)
         seen += len(images)
@@ -90,22 +115,28 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     fold_dir.mkdir(parents=True, exist_ok=True)
     is_val = (folds["fold"] == fold).to_numpy()
     train_rows, val_rows = data.train[~is_val], data.train[is_val]
+    if data.style is not None:
+        train_rows = pd.concat([train_rows, style_images_for_fold(data.style, set(val_rows["id"]))])
 
     model = build_model(cfg.model, len(data.classes)).to(device)
     mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device)
-    eval_transform = build_eval_transform(cfg, mean, std)
     train_loader = _loader(ImageDataset(train_rows["path"], train_rows["label"],
                                         build_train_transform(cfg, mean, std, seed=cfg.seed + fold)),
-                           cfg.train.batch_size, workers, device, shuffle=True, seed=cfg.seed + fold)
-    val_loader = _loader(ImageDataset(val_rows["path"], val_rows["label"], eval_transform),
-                         cfg.inference.batch_size, workers, device, shuffle=False)
+                           cfg.train.batch_size, workers, device, train=True, seed=cfg.seed + fold,
+                           sampler=build_sampler(train_rows["label"].to_numpy(), cfg.train.sampler, cfg.seed + fold))
+    val_loader = _loader(ImageDataset(val_rows["path"], val_rows["label"], build_eval_transform(cfg, mean, std)),
+                         cfg.inference.batch_size, workers, device, train=False)
 
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
     use_scaler = device.type == "cuda" and cfg.train.amp and amp_dtype(cfg.train.amp_dtype) == torch.float16
+    if use_scaler and isinstance(optimizer, SAM):
+        raise UserError("optimizer.sam_rho does not combine with float16 AMP (its gradient scaler); "
+                        "set train.amp_dtype=bfloat16 or train.amp=false")
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     criterion = build_loss(cfg.loss)
+    cutmix = build_cutmix(cfg, len(data.classes))
 
     history, best_f1, best_epoch, best_val_probs = [], -1.0, 0, None
     name = f"{cfg.name} fold {fold}"
@@ -114,8 +145,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     for epoch in range(1, cfg.train.epochs + 1):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = _train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cfg, device,
-                                      epoch, desc=f"{name} epoch {epoch}")
+        train_loss = _train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cutmix, cfg,
+                                      device, epoch, desc=f"{name} epoch {epoch}")
         val_probs, val_loss = predict_probs(model, val_loader, device, cfg.train.amp, cfg.train.amp_dtype,
                                             criterion=criterion, desc=f"{name} validate")
         val = scores(val_rows["label"].to_numpy(), val_probs)
@@ -140,8 +171,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
 
     best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
-    test_loader = _loader(ImageDataset(data.test["path"], None, eval_transform), cfg.inference.batch_size,
-                          workers, device, shuffle=False)
+    test_loader = _loader(ImageDataset(data.test["path"], None, build_eval_transform(cfg, mean, std, test=True)),
+                          cfg.inference.batch_size, workers, device, train=False)
     test_probs, _ = predict_probs(model, test_loader, device, cfg.train.amp, cfg.train.amp_dtype,
                                   desc=f"{name} test")
     write_csv(probs_frame(val_rows["id"], best_val_probs, data.classes), fold_dir / "val_probs.csv")

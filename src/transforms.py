@@ -6,21 +6,69 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from .config import ExperimentConfig
+from .config import AugmentConfig, ExperimentConfig
 
 
-def _finish(size: int, mean, std) -> list:
-    return [A.Resize(size, size, interpolation=cv2.INTER_AREA, strict=True),
-            A.Normalize(mean=mean, std=std, strict=True), ToTensorV2()]
+def _to_tensor(mean, std) -> list:
+    return [A.Normalize(mean=mean, std=std, strict=True), ToTensorV2()]
+
+
+def _resize(size: int) -> A.BasicTransform:
+    return A.Resize(size, size, interpolation=cv2.INTER_AREA, strict=True)
+
+
+def _mimic_resize(cfg: AugmentConfig, size: int) -> A.BasicTransform:
+    """Short side to mimic_scale x size, so a size x size crop covers about a quarter of a painting."""
+    return A.SmallestMaxSize(max_size=round(size * cfg.mimic_scale), interpolation=cv2.INTER_AREA, strict=True)
+
+
+def _train_crop(cfg: AugmentConfig, size: int) -> list:
+    if cfg.crop == "random":
+        big = round(size * cfg.resize_scale)
+        return [A.Resize(big, big, interpolation=cv2.INTER_AREA, strict=True), A.RandomCrop(size, size, strict=True)]
+    if cfg.crop == "mimic":
+        return [_mimic_resize(cfg, size), A.RandomCrop(size, size, strict=True)]
+    return [_resize(size)]
+
+
+def strong_augmentations() -> list:
+    """The published augmentation set (ShiftScaleRotate became Affine in albumentations 2)."""
+    return [
+        A.Transpose(p=0.5, strict=True),
+        A.HorizontalFlip(p=0.5, strict=True),
+        A.VerticalFlip(p=0.5, strict=True),
+        A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-45, 45), p=0.5, strict=True),
+        A.HueSaturationValue(hue_shift_limit=20, sat_shift_limit=30, val_shift_limit=20, p=0.5, strict=True),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5, strict=True),
+        A.ChannelShuffle(p=0.5, strict=True),
+        A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.1), hole_width_range=(0.05, 0.1),
+                        fill=0, p=0.5, strict=True),
+    ]
+
+
+def extra_colour_augmentations() -> list:
+    return [
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.3, hue=0.05, p=0.5, strict=True),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.3, strict=True),
+        A.ToGray(p=0.1, strict=True),
+    ]
 
 
 def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Compose:
-    """The training pipeline named by cfg.augment.train; seeded through Compose's own generator."""
+    """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded through Compose's own generator."""
+    aug = cfg.augment
+    steps = _train_crop(aug, cfg.input.img_size)
+    steps += strong_augmentations() if aug.strong else []
+    steps += extra_colour_augmentations() if aug.extra_colour else []
+    return A.Compose(steps + _to_tensor(mean, std), seed=seed, strict=True)
+
+
+def build_eval_transform(cfg: ExperimentConfig, mean, std, test: bool = False) -> A.Compose:
+    """Test images (already quarter crops) are resized whole. Validation images are whole paintings: they are
+    resized whole too, except under crop=mimic, where they get the centre crop of the training geometry."""
     size = cfg.input.img_size
-    presets = {"resize": []}
-    return A.Compose(presets[cfg.augment.train] + _finish(size, mean, std), seed=seed, strict=True)
-
-
-def build_eval_transform(cfg: ExperimentConfig, mean, std) -> A.Compose:
-    """Validation and test: resize the whole image (a test crop or a train painting) to the input size."""
-    return A.Compose(_finish(cfg.input.img_size, mean, std), strict=True)
+    if cfg.augment.crop == "mimic" and not test:
+        steps = [_mimic_resize(cfg.augment, size), A.CenterCrop(size, size, strict=True)]
+    else:
+        steps = [_resize(size)]
+    return A.Compose(steps + _to_tensor(mean, std), strict=True)

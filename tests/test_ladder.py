@@ -1,0 +1,65 @@
+"""Every rung of the ladder runs end to end in the CPU demo profile and writes exp00's outputs."""
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from src.config import CONFIG_DIR
+from src.data import STYLE_CSV
+
+from .conftest import TINY_RUN, run_cli
+
+LADDER = sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def root_with_style_images(tiny_root, tmp_path_factory):
+    """The tiny data plus a constructed style_transfer.csv: two 'generated' images for each of the two rarest
+    artists, each with a style source of that artist and a content source of another."""
+    root = shutil.copytree(tiny_root, tmp_path_factory.mktemp("style") / "data")
+    train = pd.read_csv(root / "train.csv", dtype=str)
+    rarest = train["artist"].value_counts().index[-2:]
+    (root / "style").mkdir()
+    rows = []
+    for artist in rarest:
+        own = train[train["artist"] == artist]
+        other = train[train["artist"] != artist]
+        for k in range(2):
+            image_id = f"STYLE_{len(rows):03d}"
+            shutil.copy(root / own["img_path"].iloc[k], root / "style" / f"{image_id}.jpg")
+            rows.append({"id": image_id, "img_path": f"./style/{image_id}.jpg", "artist": artist,
+                         "style_source_id": own["id"].iloc[k], "content_source_id": other["id"].iloc[k]})
+    pd.DataFrame(rows).to_csv(root / STYLE_CSV, index=False)
+    return root
+
+
+@pytest.mark.parametrize("name", LADDER[1:])
+def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path):
+    code = run_cli("run", name, "--data", root_with_style_images, "--outputs", tmp_path / "outputs",
+                   "--submissions", tmp_path / "submissions", *TINY_RUN)
+    assert code == 0
+    out = tmp_path / "outputs" / name
+    oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
+    train = pd.read_csv(root_with_style_images / "train.csv", dtype={"id": str})
+    assert sorted(oof["id"]) == sorted(train["id"])  # generated images never reach the OOF
+    assert (out / "test_probs.csv").is_file() and (tmp_path / "submissions" / f"{name}.csv").is_file()
+    assert all((out / f"fold{k}" / "history.csv").is_file() for k in range(5))
+
+
+def test_style_rung_without_images_stops_with_instructions(tiny_root, tmp_path, capsys):
+    code = run_cli("run", "exp09", "--data", tiny_root, "--outputs", tmp_path / "o", "--submissions", tmp_path / "s",
+                   *TINY_RUN)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "style_transfer.csv" in err[0] and "bash run.sh style" in err[0]
+
+
+def test_ladder_runs_in_turn_and_reports_failures(tiny_root, tmp_path, capsys):
+    code = run_cli("ladder", "exp01", "exp09", "--data", tiny_root, "--outputs", tmp_path / "o",
+                   "--submissions", tmp_path / "s", *TINY_RUN)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert (tmp_path / "o" / "exp01" / "oof.csv").is_file()
+    assert "1 of 2 experiments failed: exp09" in captured.err

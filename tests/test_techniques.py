@@ -1,0 +1,192 @@
+"""Each technique of the ladder against its definition."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from src.config import CONFIG_DIR, ExperimentConfig, SchedulerConfig, resolve_config
+from src.data import style_images_for_fold
+from src.losses import FocalLoss, build_loss
+from src.optim import SAM, build_scheduler, warm_restart_lr
+from src.sampler import build_sampler
+from src.train import build_cutmix
+from src.transforms import build_eval_transform, build_train_transform
+
+PEAK, FLOOR, GAMMA = 1e-3, 5e-6, 0.7
+
+
+def cosine(top: float, progress: float) -> float:
+    return FLOOR + (top - FLOOR) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@pytest.mark.parametrize("step, expected", [
+    (0, FLOOR),                                   # warm-up starts at the floor
+    (5, FLOOR + (PEAK - FLOOR) * 0.5),            # half-way up the warm-up
+    (10, PEAK),                                   # warm-up done: the peak
+    (55, cosine(PEAK, 0.5)),                      # half-way down the first cosine
+    (99, cosine(PEAK, 89 / 90)),                  # last iteration of cycle 0
+    (100, FLOOR),                                 # restart: warm-up again from the floor
+    (105, FLOOR + (PEAK * GAMMA - FLOOR) * 0.5),  # ... towards the decayed peak
+    (110, PEAK * GAMMA),
+    (210, PEAK * GAMMA ** 2),                     # cycle 2 peaks at gamma^2
+    (255, cosine(PEAK * GAMMA ** 2, 0.5)),
+])
+def test_warm_restart_schedule_matches_closed_form(step, expected):
+    got = warm_restart_lr(step, cycle_steps=100, cycle_mult=1, warmup_steps=10, peak=PEAK, gamma=GAMMA, floor=FLOOR)
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_warm_restart_cycles_grow_with_cycle_mult():
+    lr = lambda step: warm_restart_lr(step, 100, 2, 10, PEAK, GAMMA, FLOOR)  # noqa: E731
+    assert lr(100) == pytest.approx(FLOOR) and lr(110) == pytest.approx(PEAK * GAMMA)
+    assert lr(300) == pytest.approx(FLOOR) and lr(310) == pytest.approx(PEAK * GAMMA ** 2)
+    assert lr(205) == pytest.approx(cosine(PEAK * GAMMA, 95 / 190))
+
+
+def test_scheduler_steps_per_iteration_through_the_optimizer():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=PEAK)
+    cfg = SchedulerConfig(name="cosine_warm_restarts", cycle_epochs=2, warmup_steps=10, gamma=GAMMA, min_lr=FLOOR)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=50)
+    seen = []
+    for _ in range(250):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [warm_restart_lr(s, 100, 1, 10, PEAK, GAMMA, FLOOR) for s in range(250)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-9)
+
+
+def test_cutmix_target_weights_equal_the_pasted_area():
+    cfg, _ = resolve_config("exp06", overrides=["train.cutmix_prob=1.0", "train.batch_size=4"])
+    cutmix = build_cutmix(cfg, n_classes=4)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    for _ in range(20):
+        images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 48).clone()
+        labels = torch.arange(4)
+        mixed, targets = cutmix(images, labels)
+        for i in range(4):
+            kept = (mixed[i] == i).float().mean().item()
+            assert targets[i, i].item() == pytest.approx(kept, abs=1e-6)
+            assert targets[i, 3 - i].item() == pytest.approx(1 - kept, abs=1e-6)
+
+
+def test_cutmix_needs_an_even_batch():
+    from src.errors import UserError
+
+    cfg, _ = resolve_config("exp06", overrides=["train.batch_size=15"])
+    with pytest.raises(UserError, match="even"):
+        build_cutmix(cfg, 4)
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero_and_downweights_confident_examples():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 5), torch.randint(0, 5, (16,))
+    assert FocalLoss(0.0)(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    soft = torch.softmax(torch.randn(16, 5), dim=1)
+    assert FocalLoss(0.0)(logits, soft).item() == pytest.approx(F.cross_entropy(logits, soft).item(), rel=1e-6)
+    confident, unsure = torch.tensor([[6.0, 0.0, 0.0]]), torch.tensor([[0.5, 0.0, 0.0]])
+    target = torch.tensor([0])
+    ratio = lambda x: (FocalLoss(2.0)(x, target) / F.cross_entropy(x, target)).item()  # noqa: E731
+    assert ratio(confident) < 0.01 < ratio(unsure) < 1
+    assert isinstance(build_loss(resolve_config("exp07")[0].loss), FocalLoss)
+
+
+@pytest.mark.parametrize("scheme", ["inverse_count", "inverse_log_count"])
+def test_sampler_draws_classes_in_the_configured_proportions(scheme):
+    counts = np.array([400, 100, 25])
+    labels = np.repeat(np.arange(3), counts)
+    per_class = {"inverse_count": np.ones(3), "inverse_log_count": counts / np.log(counts)}[scheme]
+    expected = per_class / per_class.sum()
+    sampler = build_sampler(labels, scheme, seed=0)
+    drawn = np.concatenate([labels[list(sampler)] for _ in range(40)])
+    observed = np.bincount(drawn, minlength=3) / len(drawn)
+    np.testing.assert_allclose(observed, expected, atol=0.01)
+    assert build_sampler(labels, "none", seed=0) is None
+
+
+class CountingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.forwards = 0
+        self.backwards = 0
+        self.linear.weight.register_hook(self._count_backward)
+
+    def _count_backward(self, grad):
+        self.backwards += 1
+        return grad
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.linear(x)
+
+
+def _sam_run(rho: float | None, steps: int = 3):
+    torch.manual_seed(0)
+    net = CountingNet()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    optimizer = SAM(net.parameters(), torch.optim.SGD, rho=rho, lr=0.1) if rho is not None \
+        else torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        if rho is None:
+            closure()
+            optimizer.step()
+        else:
+            optimizer.step(closure)
+    return net
+
+
+def test_sam_takes_two_forward_backward_passes_per_step():
+    net = _sam_run(rho=0.05, steps=3)
+    assert (net.forwards, net.backwards) == (6, 6)
+
+
+def test_sam_equals_its_base_optimiser_at_rho_zero_and_differs_otherwise():
+    plain, sam0, sam = _sam_run(None), _sam_run(0.0), _sam_run(0.5)
+    assert torch.allclose(plain.linear.weight, sam0.linear.weight, atol=1e-7)
+    assert not torch.allclose(plain.linear.weight, sam.linear.weight, atol=1e-4)
+
+
+def test_style_images_never_train_the_fold_that_validates_their_sources():
+    style = pd.DataFrame({"id": ["g1", "g2", "g3", "g4"], "style_source_id": ["1", "2", "3", "4"],
+                          "content_source_id": ["5", "6", "2", "7"]})
+    kept = style_images_for_fold(style, val_ids={"2", "7"})
+    assert kept["id"].tolist() == ["g1"]  # g2: style source validated, g3: content source, g4: content source
+    assert style_images_for_fold(style, val_ids=set())["id"].tolist() == ["g1", "g2", "g3", "g4"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml")))
+@pytest.mark.parametrize("profile", [None, "demo"])
+def test_every_augmentation_pipeline_builds_strictly_and_yields_the_input_size(name, profile):
+    cfg: ExperimentConfig = resolve_config(name, profile)[0]
+    size = cfg.input.img_size
+    rng = np.random.default_rng(0)
+    pipelines = [build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0), build_eval_transform(cfg, (0.5,) * 3,
+                 (0.5,) * 3), build_eval_transform(cfg, (0.5,) * 3, (0.5,) * 3, test=True)]
+    for pipeline in pipelines:
+        assert pipeline.strict
+        for shape in ((150, 100, 3), (90, 260, 3)):
+            out = pipeline(image=rng.integers(0, 255, shape, dtype=np.uint8))["image"]
+            assert tuple(out.shape) == (3, size, size)
+
+
+def test_strict_checking_rejects_removed_arguments():
+    import albumentations as A
+
+    with pytest.raises(ValueError, match="always_apply"):
+        A.HorizontalFlip(always_apply=True, strict=True)
