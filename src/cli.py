@@ -102,6 +102,53 @@ def command_ladder(args: argparse.Namespace) -> None:
         raise UserError(f"ladder: {len(failures)} of {len(names)} experiments failed: {'; '.join(failures)}")
 
 
+def command_tta(args: argparse.Namespace) -> None:
+    from .data import load_competition_data
+    from .experiment import run_tta
+
+    data = load_competition_data(resolve_data_root(args.data), log=log)
+    run_tta(args.experiment, args.mode, data, Path(args.outputs), Path(args.submissions), log=log)
+
+
+def command_ensemble(args: argparse.Namespace) -> None:
+    from .config import run_info
+    from .data import load_competition_data
+    from .ensemble import build_ensemble, load_ensemble_config
+    from .experiment import publish
+    from .io_utils import write_yaml
+
+    started = time.time()
+    cfg = load_ensemble_config(args.name)
+    data = load_competition_data(resolve_data_root(args.data), log=log)
+    outputs = Path(args.outputs)
+    oof, test_probs, fitted = build_ensemble(cfg, outputs)
+    if oof["artist"].tolist() != data.train.set_index("id").loc[oof["id"], "artist"].tolist():
+        raise UserError(f"ensemble {args.name}: its members were trained on other labels than {data.root}; "
+                        "pass the members' data root with --data")
+    out_dir = outputs / args.name
+    write_yaml({"name": args.name, "parent": cfg.members[0], **cfg.model_dump(mode="json"), "fitted": fitted,
+                "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
+               out_dir / "config.yaml")
+    if fitted:
+        log(f"{args.name}: fitted weights per fold {fitted['weights_per_fold']}, for test {fitted['test_weights']}")
+    publish(args.name, out_dir, oof, test_probs, data, Path(args.submissions), started, log)
+
+
+def command_score(args: argparse.Namespace) -> None:
+    from .score import class_report, to_markdown, write_ablation
+
+    outputs = Path(args.outputs)
+    names = args.experiments or sorted(p.parent.name for p in outputs.glob("*/oof.csv"))
+    if not names:
+        raise UserError(f"no experiment in {outputs} has an oof.csv yet; run one first (bash run.sh exp00)")
+    table = write_ablation(outputs, names)
+    print(to_markdown(table), end="")
+    log(f"wrote {outputs / 'ablation.md'} and {outputs / 'ablation.csv'}")
+    if args.detail:
+        for path in class_report(outputs / args.detail):
+            log(f"wrote {path}")
+
+
 def command_demo_data(args: argparse.Namespace) -> None:
     from .demo_data import generate_demo_dataset
 
@@ -125,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
         command.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
         command.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
+    score = sub.add_parser("score", help="ablation table from the OOF files (outputs/ablation.md and .csv)")
+    score.add_argument("experiments", nargs="*", help="experiments to score (default: every one with an oof.csv)")
+    score.add_argument("--detail", help="also write per-class F1 and a confusion-matrix PNG for this experiment")
+    score.add_argument("--outputs", default=str(REPO / "outputs"))
+    score.set_defaults(handler=command_score)
+    tta = sub.add_parser("tta", help="predict a finished experiment's validation folds and test set again with TTA")
+    tta.add_argument("experiment")
+    tta.add_argument("--mode", default="hflip", choices=["hflip", "flips", "d4"])
+    ensemble = sub.add_parser("ensemble", help="soft or hard voting over finished experiments (ensemble/NAME.yaml)")
+    ensemble.add_argument("name", help="config name under ensemble/, e.g. ens01")
+    for command in (tta, ensemble):
+        command.add_argument("--data", help="data root (default: inputs/, else the demo data)")
+        command.add_argument("--outputs", default=str(REPO / "outputs"))
+        command.add_argument("--submissions", default=str(REPO / "submissions"))
+    tta.set_defaults(handler=command_tta)
+    ensemble.set_defaults(handler=command_ensemble)
     run.set_defaults(handler=command_run)
     ladder.set_defaults(handler=command_ladder)
     demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")

@@ -16,7 +16,10 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, UnidentifiedImageError
+
+from torch.utils.data import DataLoader
 
 from .demo_data import DEMO_MARKER
 from .errors import UserError
@@ -268,3 +271,12 @@ class ImageDataset:
     def __getitem__(self, index: int):
         image = read_image(self.paths[index])
         return self.transform(image=image)["image"], self.labels[index]
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
+                seed: int = 0, sampler=None) -> DataLoader:
+    """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      drop_last=train and len(dataset) > batch_size,
+                      generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)

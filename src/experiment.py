@@ -12,15 +12,20 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .config import ExperimentConfig, result_fingerprint, run_info
-from .data import CompetitionData, shared_folds
+from .data import CompetitionData, ImageDataset, make_loader, shared_folds
 from .errors import UserError
+from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
 from .metrics import macro_f1, scores
-from .runtime import select_device
+from .models import build_model, load_checkpoint, normalisation
+from .runtime import select_device, worker_count
 from .submission import submission_from_probs, write_submission
 from .train import DONE_FILE, train_fold
+from .transforms import build_eval_transform
+from .tta import with_tta
 
 
 def fold_status(fold_dir: Path, fingerprint: str) -> str:
@@ -92,21 +97,75 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
             f"{cfg.data.n_folds} folds are done")
         return {}
-    oof = assemble_oof(out_dir, data, folds, all_folds)
+    return publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds),
+                   mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
+
+
+def publish(name: str, out_dir: Path, oof: pd.DataFrame, test_probs: pd.DataFrame, data: CompetitionData,
+            submissions: Path, started: float, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Write oof.csv, test_probs.csv and the validated submission; log the scores as the last line."""
     write_csv(oof, out_dir / "oof.csv")
-    test_probs = mean_test_probs(out_dir, data, all_folds)
     write_csv(test_probs, out_dir / "test_probs.csv")
     submission = submission_from_probs(test_probs, data.sample_submission, data.classes)
-    submission_path = submissions / f"{cfg.name}.csv"
+    submission_path = submissions / f"{name}.csv"
     write_submission(submission, submission_path, data.sample_submission, data.classes)
-
-    labels = data.train["label"].to_numpy()
+    labels = oof["artist"].map({artist: i for i, artist in enumerate(data.classes)}).to_numpy()
     result = {f"cv_{k}": v for k, v in scores(labels, oof[data.classes].to_numpy()).items()}
-    summary = (f"{cfg.name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, "
-               f"{cfg.data.n_folds} folds)")
+    summary = f"{name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, " \
+              f"{oof['fold'].nunique()} folds)"
     if data.solution is not None:
         result["test_macro_f1"] = demo_test_f1(submission, data.solution)
         summary += f" | demo test macro F1 {result['test_macro_f1']:.4f} ({len(submission)} crops, solution.csv)"
     log(f"wrote {out_dir / 'oof.csv'}, {out_dir / 'test_probs.csv'}, {submission_path}")
     log(f"{summary} | {(time.time() - started) / 60:.1f} min")
     return result
+
+
+def saved_config(out_dir: Path) -> ExperimentConfig:
+    """The resolved config a finished experiment ran with (profile and overrides included)."""
+    path = out_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run the experiment first (bash run.sh {out_dir.name})")
+    saved = yaml.safe_load(path.read_text())
+    saved.pop("run", None)
+    return ExperimentConfig.model_validate(saved)
+
+
+def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submissions: Path,
+            log: Callable[[str], None] = print) -> dict[str, float]:
+    """Predict the validation folds and the test set of a finished experiment again with TTA, from each fold's
+    best.pt, as a new experiment `<source>-tta-<mode>` whose parent is the source, so the ablation table shows
+    whether TTA helps."""
+    started = time.time()
+    cfg = saved_config(outputs / source)
+    name = f"{source}-tta-{mode}"
+    out_dir = outputs / name
+    folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+    device = select_device()
+    workers = worker_count(cfg.train.num_workers, device)
+    all_folds = list(range(cfg.data.n_folds))
+    for fold in all_folds:
+        checkpoint = outputs / source / f"fold{fold}" / "best.pt"
+        if not checkpoint.is_file():
+            raise UserError(f"{checkpoint} not found; finish {source}'s folds first (bash run.sh {source})")
+        model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
+        load_checkpoint(model, checkpoint, data.classes, cfg.model.backbone)
+        model.to(device)
+        mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+        predictor = with_tta(model, mode)
+        val_rows = data.train[(folds["fold"] == fold).to_numpy()]
+        for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),
+                                          (data.test, build_eval_transform(cfg, mean, std, test=True),
+                                           "test_probs.csv")):
+            loader = make_loader(ImageDataset(rows["path"], None, transform), cfg.inference.batch_size, workers,
+                                 device, train=False)
+            probs, _ = predict_probs(predictor, loader, device, cfg.train.amp, cfg.train.amp_dtype,
+                                     desc=f"{name} fold {fold}")
+            write_csv(probs_frame(rows["id"], probs, data.classes), out_dir / f"fold{fold}" / filename)
+        log(f"{name} fold {fold}: predicted {len(val_rows)} validation and {len(data.test)} test images")
+    write_yaml({"name": name, "parent": source, "description": f"{source} with {mode} TTA", "tta": mode,
+                "source_config": cfg.model_dump(mode="json"),
+                "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
+               out_dir / "config.yaml")
+    return publish(name, out_dir, assemble_oof(out_dir, data, folds, all_folds),
+                   mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -29,3 +30,9 @@ def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = Tr
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
     loss = total_loss / seen if criterion is not None and seen else None
     return np.concatenate(probs), loss
+
+
+def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "id", list(ids))
+    return frame

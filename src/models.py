@@ -128,3 +128,15 @@ def normalisation(model: ArtistClassifier, mean=None, std=None) -> tuple[tuple, 
     """Mean and std of the backbone's pretraining unless the config sets them."""
     pretrained_cfg = model.backbone.pretrained_cfg
     return tuple(mean or pretrained_cfg.get("mean")), tuple(std or pretrained_cfg.get("std"))
+
+
+def load_checkpoint(model: ArtistClassifier, path: Path, classes: list[str], backbone: str) -> dict:
+    """Load best.pt or last.pt (tensors and plain values only: weights_only=True) after checking that it was
+    trained with this backbone and these artists."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("backbone") != backbone or checkpoint.get("classes") != classes:
+        raise UserError(f"{path}: trained with backbone '{checkpoint.get('backbone')}' and "
+                        f"{len(checkpoint.get('classes') or [])} artists, not '{backbone}' and {len(classes)}; "
+                        "use the checkpoint of this experiment and data or rerun with --restart")
+    model.load_state_dict(checkpoint["model"])
+    return checkpoint

@@ -13,20 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .data import CompetitionData, ImageDataset, style_images_for_fold
+from .data import CompetitionData, ImageDataset, make_loader, style_images_for_fold
 from .errors import UserError
-from .inference import predict_probs
+from .inference import predict_probs, probs_frame
 from .io_utils import save_torch, write_csv, write_json
 from .losses import build_loss
 from .metrics import scores
-from .models import build_model, normalisation
+from .models import build_model, load_checkpoint, normalisation
 from .optim import SAM, build_optimizer, build_scheduler
 from .runtime import autocast, amp_dtype, seed_everything, worker_count
 from .sampler import build_sampler
@@ -43,15 +41,6 @@ class FoldResult:
     epochs_run: int
 
 
-def _loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
-            seed: int = 0, sampler=None) -> DataLoader:
-    """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      drop_last=train and len(dataset) > batch_size,
-                      generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)
-
-
 def build_cutmix(cfg: ExperimentConfig, n_classes: int):
     """timm's CutMix on whole batches with probability cutmix_prob; correct_lam makes the target weights
     equal the pasted area after clipping at the border."""
@@ -63,12 +52,6 @@ def build_cutmix(cfg: ExperimentConfig, n_classes: int):
 
     return Mixup(mixup_alpha=0.0, cutmix_alpha=cfg.train.cutmix_alpha, prob=cfg.train.cutmix_prob,
                  switch_prob=0.0, mode="batch", correct_lam=True, label_smoothing=0.0, num_classes=n_classes)
-
-
-def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame(probs, columns=classes)
-    frame.insert(0, "id", list(ids))
-    return frame
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cutmix, cfg: ExperimentConfig,
@@ -121,12 +104,13 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     model = build_model(cfg.model, len(data.classes)).to(device)
     mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device)
-    train_loader = _loader(ImageDataset(train_rows["path"], train_rows["label"],
-                                        build_train_transform(cfg, mean, std, seed=cfg.seed + fold)),
-                           cfg.train.batch_size, workers, device, train=True, seed=cfg.seed + fold,
-                           sampler=build_sampler(train_rows["label"].to_numpy(), cfg.train.sampler, cfg.seed + fold))
-    val_loader = _loader(ImageDataset(val_rows["path"], val_rows["label"], build_eval_transform(cfg, mean, std)),
-                         cfg.inference.batch_size, workers, device, train=False)
+    train_dataset = ImageDataset(train_rows["path"], train_rows["label"],
+                                 build_train_transform(cfg, mean, std, seed=cfg.seed + fold))
+    sampler = build_sampler(train_rows["label"].to_numpy(), cfg.train.sampler, cfg.seed + fold)
+    train_loader = make_loader(train_dataset, cfg.train.batch_size, workers, device, train=True,
+                               seed=cfg.seed + fold, sampler=sampler)
+    val_loader = make_loader(ImageDataset(val_rows["path"], val_rows["label"], build_eval_transform(cfg, mean, std)),
+                             cfg.inference.batch_size, workers, device, train=False)
 
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(train_loader))
@@ -169,10 +153,9 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
             log(f"{name}: early stop, no better val macro F1 for {cfg.train.patience} epochs")
             break
 
-    best = torch.load(fold_dir / "best.pt", map_location=device, weights_only=True)
-    model.load_state_dict(best["model"])
-    test_loader = _loader(ImageDataset(data.test["path"], None, build_eval_transform(cfg, mean, std, test=True)),
-                          cfg.inference.batch_size, workers, device, train=False)
+    load_checkpoint(model, fold_dir / "best.pt", data.classes, cfg.model.backbone)
+    test_loader = make_loader(ImageDataset(data.test["path"], None, build_eval_transform(cfg, mean, std, test=True)),
+                              cfg.inference.batch_size, workers, device, train=False)
     test_probs, _ = predict_probs(model, test_loader, device, cfg.train.amp, cfg.train.amp_dtype,
                                   desc=f"{name} test")
     write_csv(probs_frame(val_rows["id"], best_val_probs, data.classes), fold_dir / "val_probs.csv")

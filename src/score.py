@@ -1,0 +1,164 @@
+"""The ablation table, scored from OOF files: every experiment against its parent on the same images.
+
+The change against the parent comes with a 95% paired bootstrap interval: the train images are resampled
+with replacement and both experiments are scored on the same resample, so fold-to-fold noise and the luck of
+which images are hard are in the interval. A change whose interval contains 0 is not a measured gain.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
+
+from .errors import UserError
+from .io_utils import atomic_path, write_csv, write_text
+from .metrics import macro_f1
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+def fast_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro F1 over the classes present in y_true or y_pred (scikit-learn's default), from bincounts."""
+    tp = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
+    true_count = np.bincount(y_true, minlength=n_classes)
+    pred_count = np.bincount(y_pred, minlength=n_classes)
+    present = (true_count + pred_count) > 0
+    f1 = 2 * tp[present] / (true_count[present] + pred_count[present])
+    return float(f1.mean())
+
+
+def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
+                     samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% interval of macro F1(a) - macro F1(b) over resamples of the same images."""
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, len(y_true), len(y_true))
+        diffs[i] = (fast_macro_f1(y_true[idx], pred_a[idx], n_classes)
+                    - fast_macro_f1(y_true[idx], pred_b[idx], n_classes))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def read_oof(out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    path = out_dir / "oof.csv"
+    if not path.is_file():
+        raise UserError(f"{path} not found; run the experiment's 5 folds first (bash run.sh {out_dir.name})")
+    oof = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    return oof, list(oof.columns[4:])
+
+
+def _read_config(out_dir: Path) -> dict:
+    path = out_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def _test_f1(out_dir: Path, classes: list[str], config: dict) -> Optional[float]:
+    """Test macro F1 against solution.csv (demo data only)."""
+    data_root = config.get("run", {}).get("data_root")
+    probs_path = out_dir / "test_probs.csv"
+    if not data_root or not (Path(data_root) / "solution.csv").is_file() or not probs_path.is_file():
+        return None
+    probs = pd.read_csv(probs_path, dtype={"id": str})
+    truth = pd.read_csv(Path(data_root) / "solution.csv", dtype=str).set_index("id")["artist"]
+    return macro_f1(truth.reindex(probs["id"]).to_numpy(), probs[classes].idxmax(axis=1).to_numpy())
+
+
+def experiment_scores(oof: pd.DataFrame, classes: list[str]) -> dict[str, float]:
+    index = {name: i for i, name in enumerate(classes)}
+    y_true = oof["artist"].map(index).to_numpy()
+    probs = oof[classes].to_numpy()
+    y_pred = probs.argmax(axis=1)
+    per_fold = [f1_score(y_true[oof["fold"] == k], y_pred[oof["fold"] == k], average="macro", zero_division=0)
+                for k in sorted(oof["fold"].unique())]
+    return {"oof_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "fold_f1_mean": float(np.mean(per_fold)), "fold_f1_std": float(np.std(per_fold, ddof=1))
+            if len(per_fold) > 1 else 0.0,
+            "accuracy": float((y_true == y_pred).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+            "top3_accuracy": float(top_k_accuracy_score(y_true, probs, k=min(3, len(classes)),
+                                                        labels=np.arange(len(classes))))}
+
+
+def ablation_table(outputs: Path, names: list[str]) -> pd.DataFrame:
+    """One row per experiment: scores, and the change against its parent with a paired bootstrap interval."""
+    rows, loaded = [], {}
+    for name in names:
+        loaded[name] = read_oof(outputs / name)
+    for name in names:
+        oof, classes = loaded[name]
+        config = _read_config(outputs / name)
+        parent = config.get("parent")
+        row = {"experiment": name, "parent": parent or "", **experiment_scores(oof, classes),
+               "delta_vs_parent": np.nan, "delta_ci_low": np.nan, "delta_ci_high": np.nan,
+               "test_macro_f1": _test_f1(outputs / name, classes, config)}
+        if parent and (outputs / parent / "oof.csv").is_file():
+            parent_oof, parent_classes = loaded.get(parent) or read_oof(outputs / parent)
+            if parent_classes != classes or sorted(parent_oof["id"]) != sorted(oof["id"]):
+                raise UserError(f"{name} and its parent {parent} were scored on different images or artists; "
+                                "rerun one of them on the same data")
+            index = {c: i for i, c in enumerate(classes)}
+            parent_oof = parent_oof.set_index("id").reindex(oof["id"])
+            y_true = oof["artist"].map(index).to_numpy()
+            pred = oof[classes].to_numpy().argmax(axis=1)
+            parent_pred = parent_oof[classes].to_numpy().argmax(axis=1)
+            row["delta_vs_parent"] = (fast_macro_f1(y_true, pred, len(classes))
+                                      - fast_macro_f1(y_true, parent_pred, len(classes)))
+            row["delta_ci_low"], row["delta_ci_high"] = paired_bootstrap(y_true, pred, parent_pred, len(classes))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    lines = ["| experiment | parent | OOF macro F1 | fold F1 mean ± sd | accuracy | balanced acc | top-3 acc | "
+             "Δ vs parent [95% CI] | test macro F1 |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table.itertuples(index=False):
+        delta = "" if np.isnan(row.delta_vs_parent) else \
+            f"{row.delta_vs_parent:+.4f} [{row.delta_ci_low:+.4f}, {row.delta_ci_high:+.4f}]"
+        test = "" if row.test_macro_f1 is None or pd.isna(row.test_macro_f1) else f"{row.test_macro_f1:.4f}"
+        lines.append(f"| {row.experiment} | {row.parent} | {row.oof_macro_f1:.4f} | {row.fold_f1_mean:.4f} ± "
+                     f"{row.fold_f1_std:.4f} | {row.accuracy:.4f} | {row.balanced_accuracy:.4f} | "
+                     f"{row.top3_accuracy:.4f} | {delta} | {test} |")
+    return "\n".join(lines) + "\n"
+
+
+def class_report(out_dir: Path) -> tuple[Path, Path]:
+    """Per-class F1 (CSV) and a confusion-matrix PNG for one experiment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    oof, classes = read_oof(out_dir)
+    precision, recall, f1, support = precision_recall_fscore_support(oof["artist"], oof["pred"], labels=classes,
+                                                                     zero_division=0)
+    report = pd.DataFrame({"artist": classes, "precision": precision, "recall": recall, "f1": f1,
+                           "support": support}).sort_values("f1")
+    write_csv(report, out_dir / "per_class_f1.csv")
+    matrix = confusion_matrix(oof["artist"], oof["pred"], labels=classes, normalize="true")
+    fig, ax = plt.subplots(figsize=(14, 12))
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (rows sum to 1)")
+    ax.set_title(f"{out_dir.name}: OOF confusion matrix, macro F1 {f1.mean():.4f}")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    png = out_dir / "confusion_matrix.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_dir / "per_class_f1.csv", png
+
+
+def write_ablation(outputs: Path, names: list[str]) -> pd.DataFrame:
+    table = ablation_table(outputs, names)
+    write_csv(table, outputs / "ablation.csv")
+    write_text(to_markdown(table), outputs / "ablation.md")
+    return table

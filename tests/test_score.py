@@ -1,0 +1,97 @@
+"""The ablation table: metrics equal scikit-learn's, and the paired bootstrap separates noise from change."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+from src.errors import UserError
+from src.score import ablation_table, class_report, fast_macro_f1, paired_bootstrap, write_ablation
+
+from .conftest import run_cli
+
+CLASSES = ["Alfred Sisley", "Albrecht Du rer", "Titian", "Claude Monet"]
+
+
+def fake_experiment(outputs, name, parent, probs, labels, folds):
+    out = outputs / name
+    out.mkdir(parents=True)
+    oof = pd.DataFrame({"id": [str(i) for i in range(len(labels))], "fold": folds,
+                        "artist": np.asarray(CLASSES)[labels], "pred": np.asarray(CLASSES)[probs.argmax(1)]})
+    pd.concat([oof, pd.DataFrame(probs, columns=CLASSES)], axis=1).to_csv(out / "oof.csv", index=False)
+    (out / "config.yaml").write_text(yaml.safe_dump({"name": name, "parent": parent}))
+
+
+@pytest.fixture
+def arrays():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    good = np.eye(4)[labels] * 2 + rng.random((400, 4)) * 1.5   # mostly right
+    good /= good.sum(1, keepdims=True)
+    return labels, good, np.arange(400) % 5
+
+
+def test_fast_macro_f1_equals_scikit_learn():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y, p = rng.integers(0, 6, 50), rng.integers(0, 7, 50)
+        assert fast_macro_f1(y, p, 7) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+
+
+def test_table_scores_equal_scikit_learn(tmp_path, arrays):
+    labels, probs, folds = arrays
+    fake_experiment(tmp_path, "a", None, probs, labels, folds)
+    row = ablation_table(tmp_path, ["a"]).iloc[0]
+    pred = probs.argmax(1)
+    assert row["oof_macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert row["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred))
+    per_fold = [f1_score(labels[folds == k], pred[folds == k], average="macro") for k in range(5)]
+    assert row["fold_f1_mean"] == pytest.approx(np.mean(per_fold))
+    assert row["fold_f1_std"] == pytest.approx(np.std(per_fold, ddof=1))
+    top3 = np.mean([label in np.argsort(-p)[:3] for label, p in zip(labels, probs)])
+    assert row["top3_accuracy"] == pytest.approx(top3)
+
+
+def test_bootstrap_of_an_experiment_against_itself_is_zero(arrays):
+    labels, probs, _ = arrays
+    pred = probs.argmax(1)
+    assert paired_bootstrap(labels, pred, pred, 4) == (0.0, 0.0)
+
+
+def test_bootstrap_against_a_shuffled_copy_excludes_zero(arrays):
+    labels, probs, _ = arrays
+    pred = probs.argmax(1)
+    shuffled = np.random.default_rng(3).permutation(pred)
+    low, high = paired_bootstrap(labels, pred, shuffled, 4)
+    assert low > 0 and high > low
+
+
+def test_delta_against_the_parent_and_files(tmp_path, arrays):
+    labels, probs, folds = arrays
+    fake_experiment(tmp_path, "base", None, probs, labels, folds)
+    worse = probs.copy()
+    worse[:100] = worse[:100, ::-1]
+    fake_experiment(tmp_path, "child", "base", worse, labels, folds)
+    table = write_ablation(tmp_path, ["base", "child"])
+    child = table.set_index("experiment").loc["child"]
+    expected = f1_score(labels, worse.argmax(1), average="macro") - f1_score(labels, probs.argmax(1), average="macro")
+    assert child["delta_vs_parent"] == pytest.approx(expected)
+    assert child["delta_ci_low"] <= expected <= child["delta_ci_high"] < 0
+    assert (tmp_path / "ablation.csv").is_file() and "| child | base |" in (tmp_path / "ablation.md").read_text()
+    report, png = class_report(tmp_path / "child")
+    assert len(pd.read_csv(report)) == 4 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_oof_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="oof.csv not found"):
+        ablation_table(tmp_path, ["nothere"])
+
+
+def test_score_command_on_a_finished_run(finished_run, capsys):
+    code = run_cli("score", "--outputs", finished_run["outputs"], "--detail", "exp00")
+    out = capsys.readouterr().out
+    assert code == 0 and "| exp00 |" in out
+    assert (finished_run["exp"] / "confusion_matrix.png").is_file()
