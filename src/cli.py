@@ -1,4 +1,4 @@
-"""Command line behind run.sh: `python -m src.cli run EXP [key=value ...]` and `python -m src.cli demo-data`."""
+"""Command line behind run.sh: run, ladder, tta, ensemble, score and demo-data (python -m src.cli --help)."""
 from __future__ import annotations
 
 import argparse

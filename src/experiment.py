@@ -1,6 +1,6 @@
 """One experiment end to end: resolved config on disk, shared folds, every fold trained (finished folds of
 the same config and data are kept), then the OOF table, the fold-averaged test probabilities and the
-submission."""
+submission. Also the TTA re-prediction of a finished experiment, published the same way."""
 from __future__ import annotations
 
 import json

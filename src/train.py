@@ -7,12 +7,14 @@ epochs without improvement, and finally predicts the test set with the best weig
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -54,6 +56,33 @@ def build_cutmix(cfg: ExperimentConfig, n_classes: int):
                  switch_prob=0.0, mode="batch", correct_lam=True, label_smoothing=0.0, num_classes=n_classes)
 
 
+def capture_rng(loader, transform) -> dict:
+    """Every random stream a training epoch draws from, as plain values (loadable with weights_only=True)."""
+    legacy = np.random.get_state(legacy=False)
+    generator = loader.generator if loader.generator is not None else loader.sampler.generator
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {**legacy, "state": {"key": legacy["state"]["key"].tolist(), "pos": legacy["state"]["pos"]}},
+            "shuffle": generator.get_state(),
+            "augment_numpy": transform.random_generator.bit_generator.state,
+            "augment_python": transform.py_random.getstate()}
+
+
+def restore_rng(state: dict, loader, transform) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    legacy = state["numpy"]
+    np.random.set_state({**legacy, "state": {"key": np.asarray(legacy["state"]["key"], dtype=np.uint32),
+                                             "pos": legacy["state"]["pos"]}})
+    generator = loader.generator if loader.generator is not None else loader.sampler.generator
+    generator.set_state(state["shuffle"])
+    transform.random_generator.bit_generator.state = state["augment_numpy"]
+    transform.py_random.setstate(state["augment_python"])
+
+
 def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cutmix, cfg: ExperimentConfig,
                      device: torch.device, epoch: int, desc: str) -> float:
     model.train()
@@ -93,7 +122,11 @@ def _train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cut
 
 def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame, fold: int, fold_dir: Path,
                device: torch.device, fingerprint: str, log: Callable[[str], None] = print) -> FoldResult:
-    """Train one fold and write best.pt, last.pt, history.csv, val_probs.csv, test_probs.csv, done.json."""
+    """Train one fold and write best.pt, last.pt, history.csv, val_probs.csv, test_probs.csv, done.json.
+
+    A last.pt saved with the same config and data resumes the fold after its epoch, with model, optimiser,
+    scheduler, scaler, history and every random stream restored (exactly, when DataLoader workers are off).
+    """
     seed_everything(cfg.seed + fold)
     fold_dir.mkdir(parents=True, exist_ok=True)
     is_val = (folds["fold"] == fold).to_numpy()
@@ -122,11 +155,24 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     criterion = build_loss(cfg.loss)
     cutmix = build_cutmix(cfg, len(data.classes))
 
-    history, best_f1, best_epoch, best_val_probs = [], -1.0, 0, None
+    history, best_f1, best_epoch, best_val_probs, first_epoch = [], -1.0, 0, None, 1
     name = f"{cfg.name} fold {fold}"
+    last_path = fold_dir / "last.pt"
+    if last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"], train_loader, train_dataset.transform)
+            history, best_f1, best_epoch = state["history"], state["best_macro_f1"], state["best_epoch"]
+            best_val_probs = state["best_val_probs"].numpy()
+            first_epoch = cfg.train.epochs + 1 if state["finished"] else state["epoch"] + 1
+            log(f"{name}: resuming after epoch {state['epoch']} from {last_path}")
     log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
         f"at {cfg.input.img_size}px on {device.type}")
-    for epoch in range(1, cfg.train.epochs + 1):
+    for epoch in range(first_epoch, cfg.train.epochs + 1):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         train_loss = _train_one_epoch(model, train_loader, optimizer, scheduler, scaler, criterion, cutmix, cfg,
@@ -139,17 +185,21 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
             best_f1, best_epoch, best_val_probs = val["macro_f1"], epoch, val_probs
             save_torch({"model": model.state_dict(), "epoch": epoch, "val_macro_f1": best_f1,
                         "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "best.pt")
-        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                    "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "last.pt")
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
                         "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
                         "seconds": round(time.time() - started, 1)})
+        stop = bool(cfg.train.patience) and epoch - best_epoch >= cfg.train.patience
+        save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "classes": data.classes, "backbone": cfg.model.backbone, "fingerprint": fingerprint,
+                    "history": history, "best_macro_f1": best_f1, "best_epoch": best_epoch,
+                    "best_val_probs": torch.from_numpy(best_val_probs), "finished": stop,
+                    "rng": capture_rng(train_loader, train_dataset.transform)}, last_path)
         write_csv(pd.DataFrame(history), fold_dir / "history.csv")
         log(f"{name} epoch {epoch}/{cfg.train.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
             f"val macro F1 {val['macro_f1']:.4f}  acc {val['accuracy']:.4f}  lr {lr:.2e}  "
             f"{time.time() - started:.0f}s{'  *best*' if improved else ''}")
-        if cfg.train.patience and epoch - best_epoch >= cfg.train.patience:
+        if stop:
             log(f"{name}: early stop, no better val macro F1 for {cfg.train.patience} epochs")
             break
 

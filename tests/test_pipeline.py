@@ -78,3 +78,12 @@ def test_changed_config_refuses_to_mix_with_finished_folds(finished_run, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "--restart" in err[0] and "fold0" in err[0]
+
+
+def test_same_config_and_seed_give_an_identical_oof_on_the_cpu(finished_run, tmp_path):
+    code = run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", tmp_path / "outputs",
+                   "--submissions", tmp_path / "submissions", *TINY_RUN)
+    assert code == 0
+    again = pd.read_csv(tmp_path / "outputs" / "exp00" / "oof.csv", dtype={"id": str})
+    first = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})
+    pd.testing.assert_frame_equal(again, first)
