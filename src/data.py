@@ -229,8 +229,8 @@ def make_folds(ids: pd.Series, labels: pd.Series, n_folds: int, seed: int) -> np
 def shared_folds(data: CompetitionData, n_folds: int, seed: int, folds_dir: Path) -> pd.DataFrame:
     """The fold of every train id, written once per (data, n_folds, seed) and read back by every experiment.
 
-    Folds are stratified on the labels as distributed (before label fixes), so changing label_fixes never
-    changes the split.
+    Folds are stratified on the labels as distributed (before label fixes), so label_fixes never change the
+    split itself (only the file's name, which follows the labels in use).
     """
     path = folds_dir / f"folds_k{n_folds}_seed{seed}_{data.fingerprint()}.csv"
     if path.is_file():
