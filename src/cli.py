@@ -122,7 +122,7 @@ def command_ensemble(args: argparse.Namespace) -> None:
     data = load_competition_data(resolve_data_root(args.data), log=log)
     outputs = Path(args.outputs)
     oof, test_probs, fitted = build_ensemble(cfg, outputs)
-    if oof["artist"].tolist() != data.train.set_index("id").loc[oof["id"], "artist"].tolist():
+    if oof["artist"].tolist() != data.train.set_index("id")["artist"].reindex(oof["id"]).tolist():
         raise UserError(f"ensemble {args.name}: its members were trained on other labels than {data.root}; "
                         "pass the members' data root with --data")
     out_dir = outputs / args.name
