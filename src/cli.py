@@ -25,13 +25,14 @@ def log(message: str) -> None:
 def ensure_demo_data(root: Path, seed: int, scale: float, reason: str) -> None:
     from .demo_data import DEMO_MARKER, generate_demo_dataset
 
-    if (root / DEMO_MARKER).is_file():
-        banner([f"DEMO DATA: {reason}", f"using the built-in procedural demo dataset in {root}.",
-                "Put the competition files in inputs/ (see README) to train on the real data."])
-        return
-    banner([f"DEMO DATA: {reason}", f"generating the built-in procedural demo dataset in {root} "
-            f"(seed {seed}, counts scaled by {scale}; no downloads).",
+    ready = (root / DEMO_MARKER).is_file()
+    action = (f"using the built-in procedural demo dataset in {root}." if ready else
+              f"generating the built-in procedural demo dataset in {root} (seed {seed}, counts scaled by {scale}; "
+              "no downloads).")
+    banner([f"DEMO DATA: {reason}", action,
             "Put the competition files in inputs/ (see README) to train on the real data."])
+    if ready:
+        return
     started = time.time()
     generate_demo_dataset(root, seed=seed, scale=scale)
     log(f"demo data ready in {time.time() - started:.0f}s")

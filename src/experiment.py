@@ -19,7 +19,7 @@ from .data import CompetitionData, ImageDataset, make_loader, shared_folds
 from .errors import UserError
 from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
-from .metrics import macro_f1, scores
+from .metrics import scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
 from .runtime import select_device, worker_count
 from .submission import submission_from_probs, write_submission
@@ -55,11 +55,6 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
     frame = pd.DataFrame(np.mean(per_fold, axis=0), columns=data.classes)
     frame.insert(0, "id", data.test["id"].to_numpy())
     return frame
-
-
-def demo_test_f1(submission: pd.DataFrame, solution: pd.DataFrame) -> float:
-    truth = solution.set_index("id")["artist"].reindex(submission["id"])
-    return macro_f1(truth.to_numpy(), submission["artist"].to_numpy())
 
 
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
@@ -114,7 +109,7 @@ def publish(name: str, out_dir: Path, oof: pd.DataFrame, test_probs: pd.DataFram
     summary = f"{name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, " \
               f"{oof['fold'].nunique()} folds)"
     if data.solution is not None:
-        result["test_macro_f1"] = demo_test_f1(submission, data.solution)
+        result["test_macro_f1"] = solution_f1(submission["id"], submission["artist"], data.solution)
         summary += f" | demo test macro F1 {result['test_macro_f1']:.4f} ({len(submission)} crops, solution.csv)"
     log(f"wrote {out_dir / 'oof.csv'}, {out_dir / 'test_probs.csv'}, {submission_path}")
     log(f"{summary} | {(time.time() - started) / 60:.1f} min")

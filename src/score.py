@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_sc
 
 from .errors import UserError
 from .io_utils import atomic_path, write_csv, write_text
-from .metrics import macro_f1
+from .metrics import solution_f1
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -64,8 +64,8 @@ def _test_f1(out_dir: Path, classes: list[str], config: dict) -> Optional[float]
     if not data_root or not (Path(data_root) / "solution.csv").is_file() or not probs_path.is_file():
         return None
     probs = pd.read_csv(probs_path, dtype={"id": str})
-    truth = pd.read_csv(Path(data_root) / "solution.csv", dtype=str).set_index("id")["artist"]
-    return macro_f1(truth.reindex(probs["id"]).to_numpy(), probs[classes].idxmax(axis=1).to_numpy())
+    solution = pd.read_csv(Path(data_root) / "solution.csv", dtype=str)
+    return solution_f1(probs["id"], probs[classes].idxmax(axis=1), solution)
 
 
 def experiment_scores(oof: pd.DataFrame, classes: list[str]) -> dict[str, float]:
