@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import UserError
 
@@ -13,13 +14,21 @@ INPUTS = REPO / "inputs"
 DEMO_ROOT = INPUTS / "demo"
 
 
-def banner(lines: list[str]) -> None:
+def banner_lines(lines: list[str]) -> list[str]:
     rule = "=" * 100
-    print("\n".join([rule, *(f"  {line}" for line in lines), rule]), flush=True)
+    return [rule, *(f"  {line}" for line in lines), rule]
+
+
+def banner(lines: list[str]) -> None:
+    print("\n".join(banner_lines(lines)), flush=True)
 
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def quiet(_: str) -> None:
+    """The log of DDP ranks other than 0: rank 0 speaks for all."""
 
 
 def ensure_demo_data(root: Path, seed: int, scale: float, reason: str) -> None:
@@ -63,27 +72,99 @@ def choose_profile(requested: str) -> str | None:
     return None if torch.cuda.is_available() else "demo"
 
 
-def command_run(args: argparse.Namespace, experiment: str | None = None) -> None:
+def resolve_with_banner(args: argparse.Namespace, name: str, say: Callable[[str], None]):
+    """The resolved config and the profile used, after a banner listing what the profile changed."""
     from .config import resolve_config
-    from .data import load_competition_data
-    from .experiment import run_experiment
 
     profile = choose_profile(args.profile)
-    cfg, profile_changes = resolve_config(experiment or args.experiment, profile, args.overrides)
+    cfg, profile_changes = resolve_config(name, profile, args.overrides)
     if profile:
         reason = "no CUDA device: " if args.profile == "auto" else ""
         changes = [f"{key}: {before} -> {after}" for key, (before, after) in profile_changes.items()]
-        banner([f"{reason}using the '{profile}' profile (configs/profiles/{profile}.yaml), which changed:",
-                *changes, "Run on a GPU (or pass --profile none) for the experiment as published."])
+        say("\n".join(banner_lines([f"{reason}using the '{profile}' profile (configs/profiles/{profile}.yaml), "
+                                    "which changed:", *changes,
+                                    "Run on a GPU (or pass --profile none) for the experiment as published."])))
+    return cfg, profile
+
+
+def command_run(args: argparse.Namespace, experiment: str | None = None) -> None:
+    from .data import load_competition_data
+    from .distributed import destroy, init_distributed
+    from .experiment import run_experiment
+
+    name = experiment or args.experiment
+    ctx = init_distributed()
+    if not ctx.enabled and (args.gpus or args.ddp > 1):
+        launch_processes(args, name)
+        return
+    say = log if ctx.is_main else quiet
+    try:
+        cfg, profile = resolve_with_banner(args, name, say)
+        data_root = resolve_data_root(args.data)
+        data = load_competition_data(data_root, cfg.data.label_fixes, log=say, style_transfer=cfg.data.style_transfer)
+        say(f"data: {data_root} ({'demo' if data.is_demo else 'competition'}): {len(data.train)} train images, "
+            f"{len(data.test)} test images, {len(data.classes)} artists")
+        run_experiment(cfg, data, Path(args.outputs), Path(args.submissions),
+                       extra_info={"profile": profile, "overrides": list(args.overrides),
+                                   "command": " ".join(sys.argv)},
+                       restart=args.restart, log=say, ctx=ctx)
+    finally:
+        destroy()
+
+
+def launch_processes(args: argparse.Namespace, name: str) -> None:
+    """--gpus: one subprocess per fold, in parallel over the GPU slots, then the OOF and submission once every
+    fold is done. --ddp N alone: the whole experiment under torchrun with N processes. The data, the folds and
+    --restart are dealt with here, once, before any child starts."""
+    import shutil
+    import subprocess
+
+    import torch
+
+    from .config import result_fingerprint
+    from .data import load_competition_data, shared_folds
+    from .experiment import fold_status, run_experiment
+    from .parallel import REPO as CHILD_CWD
+    from .parallel import Job, gpu_slots, python_launcher, run_jobs
+    from .runtime import available_cores
+
+    cfg, profile = resolve_with_banner(args, name, log)
     data_root = resolve_data_root(args.data)
-    data = load_competition_data(data_root, cfg.data.label_fixes, log=log,
-                                 style_transfer=cfg.data.style_transfer)
-    log(f"data: {data_root} ({'demo' if data.is_demo else 'competition'}): {len(data.train)} train images, "
-        f"{len(data.test)} test images, {len(data.classes)} artists")
-    run_experiment(cfg, data, Path(args.outputs), Path(args.submissions),
-                   extra_info={"profile": profile, "overrides": list(args.overrides),
-                               "command": " ".join(sys.argv)},
-                   restart=args.restart, log=log)
+    data = load_competition_data(data_root, cfg.data.label_fixes, log=log, style_transfer=cfg.data.style_transfer)
+    outputs, out_dir = Path(args.outputs), Path(args.outputs) / name
+    if args.restart and out_dir.exists():
+        shutil.rmtree(out_dir)
+        log(f"--restart: removed {out_dir}")
+    shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+    child = ["-m", "src.cli", "run", name, "--data", str(data_root), "--profile", profile or "none",
+             "--outputs", str(outputs), "--submissions", str(args.submissions), *args.overrides]
+    launcher = python_launcher(args.ddp)
+    if not args.gpus:
+        log(f"{name}: training with {args.ddp} processes (DDP through torchrun)")
+        code = subprocess.run([*launcher, *child], cwd=CHILD_CWD).returncode
+        if code:
+            raise UserError(f"the {args.ddp}-process DDP run of {name} failed (exit {code}); its messages are above")
+        return
+
+    slots = gpu_slots(args.gpus, args.ddp, torch.cuda.device_count())
+    if torch.cuda.is_available() and cfg.train.num_workers is None:
+        child.append(f"train.num_workers={max(1, available_cores() // (len(slots) * args.ddp) - 1)}")
+    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    folds = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.data.n_folds))
+    todo = [k for k in folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
+    log(f"{name}: {len(todo)} folds to train over {len(slots)} slots (GPUs {' | '.join(slots)})"
+        + ("" if torch.cuda.is_available() else "; no CUDA device, so they share the CPU"))
+    jobs = [Job(f"{name} fold {k}", [*launcher, *child, f"train.folds=[{k}]"], out_dir / "logs" / f"fold{k}.log")
+            for k in todo]
+    failures = [result for result in run_jobs(jobs, slots, log) if result.failed]
+    publish_only = cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": []})})
+    run_experiment(publish_only, data, outputs, Path(args.submissions),
+                   extra_info={"profile": profile, "overrides": list(args.overrides), "command": " ".join(sys.argv),
+                               "gpus": args.gpus, "ddp": args.ddp}, log=log)
+    if failures:
+        raise UserError(f"{len(failures)} of {len(jobs)} folds failed: "
+                        + "; ".join(result.failure_line() for result in failures)
+                        + "; fix the cause and rerun the same command (finished folds are kept)")
 
 
 def command_ladder(args: argparse.Namespace) -> None:
@@ -173,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
         command.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
         command.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
+        command.add_argument("--gpus", help="train the folds in parallel, one process per GPU (e.g. 0,1,2,3 or all); "
+                             "a GPU listed twice runs two folds at once")
+        command.add_argument("--ddp", type=int, default=1, metavar="N",
+                             help="train each fold with N processes (DDP through torchrun; with --gpus, N GPUs a fold)")
     score = sub.add_parser("score", help="ablation table from the OOF files (outputs/ablation.md and .csv)")
     score.add_argument("experiments", nargs="*", help="experiments to score (default: every one with an oof.csv)")
     score.add_argument("--detail", help="also write per-class F1 and a confusion-matrix PNG for this experiment")

@@ -23,7 +23,9 @@ from .errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROFILE_DIR = CONFIG_DIR / "profiles"
 # Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
-NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size")
+NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size",
+                   "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
+                   "speed.persistent_workers", "speed.cache_dir")
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pydantic")
 
@@ -105,6 +107,21 @@ class TrainConfig(_Strict):
         "none", description="draw images with weight total/count or total/log(count) of their artist")
 
 
+class SpeedConfig(_Strict):
+    """How fast a run goes. All but image_cache leave what a fold learns unchanged (up to float rounding), so
+    finished folds stay valid when they change; the GPU switches are ignored on the CPU."""
+    channels_last: bool = Field(True, description="NHWC memory layout on CUDA: faster convolutions under AMP")
+    compile: bool = Field(False, description="torch.compile the model on CUDA (compiles for a minute or two per "
+                          "fold, then faster steps; worth it for long runs)")
+    cudnn_benchmark: bool = Field(True, description="let cuDNN pick the fastest kernels for the fixed input size")
+    pin_memory: bool = Field(True, description="page-locked host batches for faster copies to the GPU")
+    persistent_workers: bool = Field(True, description="keep DataLoader workers alive between epochs")
+    image_cache: Literal["none", "jpg", "npy"] = Field(
+        "jpg", description="decode each image once, shrunk to the short side the transforms need (2x the input "
+        "size or more), and reuse it: jpg (quality 95, small files) or npy (raw pixels, fastest, large)")
+    cache_dir: Optional[str] = Field(None, description="where cached images go; null = OUTPUTS/cache/images")
+
+
 class InferenceConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
@@ -123,6 +140,7 @@ class ExperimentConfig(_Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
 
 
 def _read_yaml(path: Path) -> dict:

@@ -258,25 +258,35 @@ def read_image(path: str) -> np.ndarray:
 
 
 class ImageDataset:
-    """(image tensor, label) pairs; label is -1 where unknown (test)."""
+    """(image tensor, label) pairs; label is -1 where unknown (test). With an image cache (src/image_cache.py)
+    each image is decoded once, shrunk, and loaded from the cache afterwards."""
 
-    def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable):
+    def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable, cache=None):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = read_image(self.paths[index])
+        path = self.paths[index]
+        image = self.cache.load(path) if self.cache is not None else read_image(path)
         return self.transform(image=image)["image"], self.labels[index]
 
 
+def _single_threaded_worker(_: int) -> None:
+    """Workers already run in parallel; OpenCV's own thread pool in each of them only oversubscribes the cores."""
+    cv2.setNumThreads(1)
+
+
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
-                seed: int = 0, sampler=None) -> DataLoader:
+                seed: int = 0, sampler=None, pin_memory: bool = True, persistent_workers: bool = True) -> DataLoader:
     """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
+                      persistent_workers=persistent_workers and workers > 0,
+                      worker_init_fn=_single_threaded_worker if workers else None,
                       drop_last=train and len(dataset) > batch_size,
                       generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)

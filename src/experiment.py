@@ -16,7 +16,9 @@ import yaml
 
 from .config import ExperimentConfig, result_fingerprint, run_info
 from .data import CompetitionData, ImageDataset, make_loader, shared_folds
+from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
 from .errors import UserError
+from .image_cache import cache_for
 from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
 from .metrics import scores, solution_f1
@@ -59,20 +61,26 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
 
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
                    extra_info: dict[str, Any], restart: bool = False,
-                   log: Callable[[str], None] = print) -> dict[str, float]:
-    """Train the configured folds; once all folds are done write oof.csv, test_probs.csv and the submission."""
+                   log: Callable[[str], None] = print, ctx: DistContext = SINGLE_PROCESS) -> dict[str, float]:
+    """Train the configured folds; once all folds are done write oof.csv, test_probs.csv and the submission.
+    Under DDP every rank runs this; rank 0 alone writes files and publishes."""
     started = time.time()
     out_dir = outputs / cfg.name
-    if restart and out_dir.exists():
-        shutil.rmtree(out_dir)
-        log(f"--restart: removed {out_dir}")
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
-    write_yaml({**cfg.model_dump(mode="json"),
-                "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
-                        "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
-                        "result_fingerprint": fingerprint}}, out_dir / "config.yaml")
+    if ctx.is_main:
+        if restart and out_dir.exists():
+            shutil.rmtree(out_dir)
+            log(f"--restart: removed {out_dir}")
+        write_yaml({**cfg.model_dump(mode="json"),
+                    "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
+                            "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
+                            "result_fingerprint": fingerprint, "processes": ctx.world_size}},
+                   out_dir / "config.yaml")
+        shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+    barrier(ctx)
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
-    device = select_device()
+    device = device_for(ctx)
+    image_cache = cache_for(cfg, outputs)
     all_folds = list(range(cfg.data.n_folds))
     for fold in cfg.train.folds if cfg.train.folds is not None else all_folds:
         if fold not in all_folds:
@@ -85,8 +93,10 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         if status == "done":
             log(f"{cfg.name} fold {fold}: already complete, skipped")
             continue
-        train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log)
+        train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx)
 
+    if not ctx.is_main:
+        return {}
     pending = [k for k in all_folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
     if pending:
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
@@ -138,6 +148,7 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     device = select_device()
     workers = worker_count(cfg.train.num_workers, device)
+    image_cache = cache_for(cfg, outputs)
     all_folds = list(range(cfg.data.n_folds))
     for fold in all_folds:
         checkpoint = outputs / source / f"fold{fold}" / "best.pt"
@@ -152,8 +163,8 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
         for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),
                                           (data.test, build_eval_transform(cfg, mean, std, test=True),
                                            "test_probs.csv")):
-            loader = make_loader(ImageDataset(rows["path"], None, transform), cfg.inference.batch_size, workers,
-                                 device, train=False)
+            loader = make_loader(ImageDataset(rows["path"], None, transform, cache=image_cache),
+                                 cfg.inference.batch_size, workers, device, train=False)
             probs, _ = predict_probs(predictor, loader, device, cfg.train.amp, cfg.train.amp_dtype,
                                      desc=f"{name} fold {fold}")
             write_csv(probs_frame(rows["id"], probs, data.classes), out_dir / f"fold{fold}" / filename)

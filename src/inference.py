@@ -9,17 +9,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .runtime import autocast
+from .runtime import autocast, to_device
 
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
-                  criterion: nn.Module | None = None, desc: str = "predict") -> tuple[np.ndarray, float | None]:
+                  criterion: nn.Module | None = None, desc: str = "predict",
+                  channels_last: bool = False) -> tuple[np.ndarray, float | None]:
     """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known)."""
     model.eval()
     probs, total_loss, seen = [], 0.0, 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        images = images.to(device, non_blocking=True)
+        images = to_device(images, device, channels_last)
         with autocast(device, amp, amp_dtype):
             logits = model(images)
         logits = logits.float()

@@ -42,6 +42,11 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_yaml(data: Any, path: str | os.PathLike) -> None:
     write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), path)
 

@@ -33,8 +33,18 @@ def autocast(device: torch.device, enabled: bool, dtype_name: str):
     return torch.autocast(device_type="cuda", dtype=amp_dtype(dtype_name))
 
 
-def worker_count(requested: int | None, device: torch.device) -> int:
-    """One DataLoader worker per core (up to 8) on a GPU machine; on the CPU the model needs the cores."""
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(requested: int | None, device: torch.device, processes: int = 1) -> int:
+    """On a GPU machine, every core but one for each of the `processes` training processes decodes images;
+    on the CPU the model needs the cores."""
     if requested is not None:
         return requested
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return max(1, available_cores() // processes - 1) if device.type == "cuda" else 0
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images

@@ -17,9 +17,10 @@ def image_weights(labels: np.ndarray, scheme: str) -> np.ndarray:
     return np.array([lookup[label] for label in labels.tolist()], dtype=np.float64)
 
 
-def build_sampler(labels: np.ndarray, scheme: str, seed: int) -> WeightedRandomSampler | None:
+def build_sampler(labels: np.ndarray, scheme: str, seed: int, shards: int = 1) -> WeightedRandomSampler | None:
+    """One epoch draws as many images as there are; under DDP each of the `shards` ranks draws its share."""
     if scheme == "none":
         return None
     weights = torch.as_tensor(image_weights(labels, scheme), dtype=torch.double)
-    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+    return WeightedRandomSampler(weights, num_samples=-(-len(weights) // shards), replacement=True,
                                  generator=torch.Generator().manual_seed(seed))
