@@ -1,4 +1,4 @@
-"""Command line behind run.sh: run, ladder, tta, ensemble, score and demo-data (python -m src.cli --help)."""
+"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench and demo-data (python -m src.cli --help)."""
 from __future__ import annotations
 
 import argparse
@@ -234,8 +234,30 @@ def command_score(args: argparse.Namespace) -> None:
 def command_demo_data(args: argparse.Namespace) -> None:
     from .demo_data import generate_demo_dataset
 
-    root = generate_demo_dataset(Path(args.root), seed=args.seed, scale=args.scale)
+    root = generate_demo_dataset(Path(args.root), seed=args.seed, scale=args.scale, min_side=args.min_side,
+                                 max_side=args.max_side)
     log(f"demo dataset in {root}")
+
+
+def command_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import run_bench
+    from .config import resolve_config
+    from .data import load_competition_data
+
+    overrides = list(args.overrides)
+    for key, value in (("model.backbone", args.backbone), ("input.img_size", args.img_size),
+                       ("train.batch_size", args.batch), ("inference.batch_size", args.batch)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg, _ = resolve_config(args.experiment, None if args.profile == "none" else args.profile, overrides)
+    data = load_competition_data(resolve_data_root(args.data), log=log)
+    on_gpu = torch.cuda.is_available()
+    steps = args.steps if args.steps is not None else (30 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    path = run_bench(cfg, data, Path(args.outputs), args.images, steps, warmup, args.workers, log)
+    log(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,7 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--root", default=str(DEMO_ROOT))
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scale", type=float, default=0.1, help="fraction of the real per-artist counts")
+    demo.add_argument("--min-side", type=int, default=192, help="shortest long side of a painting, px")
+    demo.add_argument("--max-side", type=int, default=448, help="longest long side of a painting, px "
+                      "(the competition's reach about 2,000)")
     demo.set_defaults(handler=command_demo_data)
+    bench = sub.add_parser("bench", help="images/s of the input pipeline, training and inference, and what each "
+                           "speed switch buys (figures only)", epilog=epilog)
+    bench.add_argument("--experiment", default="exp07", help="config to measure (default exp07)")
+    bench.add_argument("--backbone", help="timm model name instead of the config's")
+    bench.add_argument("--img-size", type=int, help="input size instead of the config's")
+    bench.add_argument("--batch", type=int, help="training and inference batch size instead of the config's")
+    bench.add_argument("--images", type=int, default=256, help="train images the pipeline figures read")
+    bench.add_argument("--steps", type=int, help="timed steps a figure (default 30 on a GPU, 3 on the CPU)")
+    bench.add_argument("--warmup", type=int, help="untimed steps first (default 10 on a GPU, 1 on the CPU)")
+    bench.add_argument("--workers", type=int, help="DataLoader workers (default: every core but one on a GPU "
+                       "machine, none on the CPU)")
+    bench.add_argument("--profile", default="none", help="profile to apply (default none: the config as it is)")
+    bench.add_argument("--data", help="data root (default: inputs/, else the demo data)")
+    bench.add_argument("--outputs", default=str(REPO / "outputs"))
+    bench.set_defaults(handler=command_bench)
     return parser
 
 
@@ -298,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiments = [name for name in args.experiments if "=" not in name]
     args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in args.overrides]
-    if unknown or (args.overrides and args.command not in ("run", "ladder")):
+    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench")):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
         args.handler(args)

@@ -276,17 +276,11 @@ class ImageDataset:
         return self.transform(image=image)["image"], self.labels[index]
 
 
-def _single_threaded_worker(_: int) -> None:
-    """Workers already run in parallel; OpenCV's own thread pool in each of them only oversubscribes the cores."""
-    cv2.setNumThreads(1)
-
-
 def make_loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
                 seed: int = 0, sampler=None, pin_memory: bool = True, persistent_workers: bool = True) -> DataLoader:
     """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
                       persistent_workers=persistent_workers and workers > 0,
-                      worker_init_fn=_single_threaded_worker if workers else None,
                       drop_last=train and len(dataset) > batch_size,
                       generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)
