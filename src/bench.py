@@ -235,7 +235,7 @@ class Bench:
         batches = endless()
         return self.timed(lambda: step(*next(batches)))
 
-    def real_loop(self, cache_root: Path, ceiling: float) -> None:
+    def real_loop(self, cache_root: Path, ceiling: Optional[float]) -> None:
         section = "training loop (real images)"
         plain_rate = self.train_loop(plain(self.cfg), None)
         self.add(Figure(section, "plain: fp32, decode every image", plain_rate, peak_gib=peak_gib(self.device)))
@@ -278,8 +278,12 @@ def machine_line(device: torch.device) -> str:
             f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
+SECTIONS = ("pipeline", "steps", "loop", "inference")
+
+
 def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_images: int, steps: int,
-              warmup: int, workers: Optional[int], log: Callable[[str], None] = print) -> Path:
+              warmup: int, workers: Optional[int], sections: tuple[str, ...] = SECTIONS,
+              log: Callable[[str], None] = print) -> Path:
     bench = Bench(cfg, data, n_images, steps, warmup, workers, log)
     header = ["| section | setting | images/s | vs plain | peak GPU GiB | note |", "|---|---|---:|---:|---:|---|"]
     log(f"bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}, "
@@ -288,10 +292,13 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     log("\n".join(header))
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=outputs) as cache_root:
-        bench.input_pipeline(Path(cache_root))
-        ceiling = bench.model_ceiling()
-        bench.real_loop(Path(cache_root), ceiling)
-    bench.inference()
+        if "pipeline" in sections:
+            bench.input_pipeline(Path(cache_root))
+        ceiling = bench.model_ceiling() if "steps" in sections else None
+        if "loop" in sections:
+            bench.real_loop(Path(cache_root), ceiling)
+    if "inference" in sections:
+        bench.inference()
     machine = machine_line(bench.device)
     log(f"machine: {machine}")
     path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"

@@ -242,7 +242,7 @@ def command_demo_data(args: argparse.Namespace) -> None:
 def command_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from .bench import run_bench
+    from .bench import SECTIONS, run_bench
     from .config import resolve_config
     from .data import load_competition_data
 
@@ -256,7 +256,11 @@ def command_bench(args: argparse.Namespace) -> None:
     on_gpu = torch.cuda.is_available()
     steps = args.steps if args.steps is not None else (30 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    path = run_bench(cfg, data, Path(args.outputs), args.images, steps, warmup, args.workers, log)
+    sections = tuple(part.strip() for part in args.sections.split(","))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    path = run_bench(cfg, data, Path(args.outputs), args.images, steps, warmup, args.workers, sections, log)
     log(f"wrote {path}")
 
 
@@ -317,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, help="untimed steps first (default 10 on a GPU, 1 on the CPU)")
     bench.add_argument("--workers", type=int, help="DataLoader workers (default: every core but one on a GPU "
                        "machine, none on the CPU)")
+    bench.add_argument("--sections", default="pipeline,steps,loop,inference",
+                       help="which figures: pipeline, steps (model alone), loop (real images), inference")
     bench.add_argument("--profile", default="none", help="profile to apply (default none: the config as it is)")
     bench.add_argument("--data", help="data root (default: inputs/, else the demo data)")
     bench.add_argument("--outputs", default=str(REPO / "outputs"))
