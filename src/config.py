@@ -25,7 +25,7 @@ PROFILE_DIR = CONFIG_DIR / "profiles"
 # Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
 NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size")
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
-                     "scikit-learn", "opencv-python-headless", "pydantic")
+                     "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
 
 class _Strict(BaseModel):

@@ -26,7 +26,7 @@ from .inference import predict_probs, probs_frame
 from .io_utils import save_torch, write_csv, write_json
 from .losses import build_loss
 from .metrics import scores
-from .models import build_model, load_checkpoint, normalisation
+from .models import build_model, load_checkpoint, normalisation, read_checkpoint
 from .optim import SAM, build_optimizer, build_scheduler
 from .runtime import autocast, amp_dtype, seed_everything, worker_count
 from .sampler import build_sampler
@@ -159,7 +159,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     name = f"{cfg.name} fold {fold}"
     last_path = fold_dir / "last.pt"
     if last_path.is_file():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(last_path)
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
