@@ -329,8 +329,9 @@ def read_image(path: str) -> np.ndarray:
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     except cv2.error as exc:  # e.g. over OpenCV's own pixel limit, CV_IO_MAX_IMAGE_PIXELS
-        raise UserError(f"{path}: OpenCV refuses to decode the image (failed check: {exc.err}); replace it or "
-                        "remove its row") from None
+        raise UserError(f"{path}: OpenCV refuses to decode the image (failed check: {exc.err}); replace it, remove "
+                        "its row, or raise OpenCV's limits with the OPENCV_IO_MAX_IMAGE_* environment variables") \
+            from None
     if image is None:
         raise UserError(f"{path}: cannot decode the image (corrupt, truncated or unsupported); replace it or "
                         "remove its row")

@@ -137,7 +137,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:100]
+        first = re.split(r"\.\s", str(exc).strip(), maxsplit=1)[0][:100]  # the first sentence
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); delete it or rerun "
                         "with --restart") from None
     if not isinstance(checkpoint, dict):

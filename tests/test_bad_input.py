@@ -90,14 +90,29 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
     assert (decoded == (deep[..., ::-1] >> 8)).all()
 
 
+def noise_jpeg() -> tuple[np.ndarray, bytes]:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    return noise, cv2.imencode(".jpg", noise)[1].tobytes()
+
+
 def test_truncated_jpeg_stops_when_read(tmp_path):
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    encoded = cv2.imencode(".jpg", noise)[1].tobytes()
+    _, encoded = noise_jpeg()
     path = tmp_path / "cut.jpg"
     path.write_bytes(encoded[: len(encoded) // 2])
     Image.open(path).close()  # the header is intact, so the load-time scan passes it
     with pytest.raises(UserError, match="cannot decode the image .corrupt, truncated or unsupported"):
         read_image(str(path))
+
+
+def test_damaged_jpeg_data_decodes_with_libjpegs_warning(tmp_path, capfd):
+    _, encoded = noise_jpeg()
+    path = tmp_path / "damaged.jpg"
+    middle = len(encoded) // 2
+    path.write_bytes(encoded[:middle] + bytes(b ^ 0xFF for b in encoded[middle:middle + 100]) + encoded[middle + 100:])
+    intact = cv2.cvtColor(cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = read_image(str(path))
+    assert decoded.shape == intact.shape and (decoded != intact).any()
+    assert "Corrupt JPEG data" in capfd.readouterr().err
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
