@@ -33,7 +33,7 @@ SUBMISSION_COLUMNS = ("id", "artist")
 STYLE_CSV = "style_transfer.csv"
 STYLE_COLUMNS = ("id", "img_path", "artist", "style_source_id", "content_source_id")
 MAX_PIXELS_ENV = "ARTIST_MAX_IMAGE_PIXELS"
-# Pillow's own decompression-bomb threshold: 256 MiB once decoded as RGB, about 22 times the largest real train
+# Pillow's own decompression-bomb threshold: 256 MiB once decoded as RGB, about 23 times the largest real train
 # image (2024x1944). OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS, 2**30) is 12 times higher, so this one acts first.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # The load-time scan enforces the limit itself, with a message that says how to raise it; Pillow's check would
@@ -126,12 +126,12 @@ def max_image_pixels() -> int:
 
 
 def _on_disk(path: Path) -> Path:
-    """`path`, or the same name in the other Unicode normalisation form (NFC/NFD) when only that one exists:
+    """`path`, or the same file name in the other Unicode normalisation form (NFC/NFD) when only that one exists:
     archives made on macOS hold decomposed (NFD) names while a CSV usually holds composed (NFC) ones."""
     if path.exists():
         return path
     for form in ("NFC", "NFD"):
-        other = Path(unicodedata.normalize(form, str(path)))
+        other = path.with_name(unicodedata.normalize(form, path.name))
         if other.exists():
             return other
     return path
