@@ -27,7 +27,7 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
                    "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
                    "speed.persistent_workers", "speed.cache_dir")
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
-                     "scikit-learn", "opencv-python-headless", "pydantic")
+                     "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
 
 class _Strict(BaseModel):

@@ -2,14 +2,16 @@
 torch Dataset that reads images.
 
 Every problem found on load stops with one line naming the file, the line and what to do. Line numbers
-are the CSV file's own (the header is line 1).
+are the CSV file's own (the header is line 1). README "Bad input and what you see" lists every case.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,6 +32,14 @@ TEST_COLUMNS = ("id", "img_path")
 SUBMISSION_COLUMNS = ("id", "artist")
 STYLE_CSV = "style_transfer.csv"
 STYLE_COLUMNS = ("id", "img_path", "artist", "style_source_id", "content_source_id")
+MAX_PIXELS_ENV = "ARTIST_MAX_IMAGE_PIXELS"
+# Pillow's own decompression-bomb threshold: 256 MiB once decoded as RGB, about 23 times the largest real train
+# image (2024x1944). OpenCV's limit (CV_IO_MAX_IMAGE_PIXELS, 2**30) is 12 times higher, so this one acts first.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The load-time scan enforces the limit itself, with a message that says how to raise it; Pillow's check would
+# warn, or fail with a traceback above twice its limit, before the scan sees the size.
+Image.MAX_IMAGE_PIXELS = None
+RESTORE = "restore the file or remove the row"
 
 
 @dataclass
@@ -58,19 +68,31 @@ def line_of(row_index: int) -> int:
     return int(row_index) + 2
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV as text (a byte-order mark and stray spaces around values are removed) and check its columns."""
+def read_csv(path: Path, required: tuple[str, ...], log: Optional[Callable[[str], None]] = None) -> pd.DataFrame:
+    """Read a CSV as text (a byte-order mark and stray spaces around values are removed) and check its columns.
+    Extra columns are dropped (and logged when `log` is given). The header is read as a plain row so that a row
+    with more fields than the header is an error naming its line, not a silent shift of every column."""
     if not path.is_file():
         raise UserError(f"{path}: file not found; put the competition files in the data root (see README)")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        rows = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserError(f"{path}: cannot parse as CSV ({str(exc).strip().splitlines()[0]})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
+        raise UserError(f"{path}: cannot parse as CSV ({str(exc).strip().splitlines()[0]}); save it as "
+                        "comma-separated UTF-8 with quotes around values that hold commas") from None
+    columns = [str(c).strip() for c in rows.iloc[0]]
+    df = rows.iloc[1:].reset_index(drop=True)
+    df.columns = columns
+    twice = next((c for c in required if columns.count(c) > 1), None)
+    if twice:
+        raise UserError(f"{path}: column '{twice}' appears twice in the header; keep one")
+    missing = [c for c in required if c not in columns]
     if missing:
-        raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(df.columns)}); "
+        raise UserError(f"{path}: missing column '{missing[0]}' (found: {', '.join(columns)}); "
                         f"expected columns {', '.join(required)}")
+    extra = [c for c in columns if c not in required]
+    if extra and log:
+        log(f"{path}: ignoring extra columns {', '.join(repr(c) for c in extra)} (only {', '.join(required)} "
+            "are used)")
     df = df[list(required)].copy()
     for column in required:
         df[column] = df[column].str.strip()
@@ -89,37 +111,86 @@ def _check_ids(df: pd.DataFrame, path: Path) -> None:
                         f"(first at line {line_of(first)}); ids must be unique")
 
 
-def _image_problem(path: Path) -> Optional[str]:
-    if not path.is_file():
-        return "not found"
-    if path.stat().st_size == 0:
-        return "is an empty (zero-byte) file"
+def max_image_pixels() -> int:
+    """The largest image (width x height) a run accepts: ARTIST_MAX_IMAGE_PIXELS if set, else the default."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
     try:
-        Image.open(path).close()  # reads and checks the header only
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise UserError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive whole number of pixels, e.g. 200000000")
+    return limit
+
+
+def _on_disk(path: Path) -> Path:
+    """`path`, or the same file name in the other Unicode normalisation form (NFC/NFD) when only that one exists:
+    archives made on macOS hold decomposed (NFD) names while a CSV usually holds composed (NFC) ones."""
+    if path.exists():
+        return path
+    for form in ("NFC", "NFD"):
+        other = path.with_name(unicodedata.normalize(form, path.name))
+        if other.exists():
+            return other
+    return path
+
+
+def _check_image(path: Path, limit: int) -> tuple[Path, Optional[str]]:
+    """The file's path on disk and what is wrong with it (None if nothing). Reads the header only: the
+    pixel limit is checked before anything is decoded."""
+    path = _on_disk(path)
+    if not path.is_file():
+        return path, f"is not found; {RESTORE}"
+    if path.stat().st_size == 0:
+        return path, f"is an empty (zero-byte) file; {RESTORE}"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
     except (UnidentifiedImageError, OSError) as exc:
-        return f"is not a readable image ({exc.__class__.__name__})"
-    return None
+        return path, f"is not a readable image ({exc.__class__.__name__}); {RESTORE}"
+    if width * height > limit:
+        return path, (f"is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
+                      f"(a decompression bomb?); shrink or remove it, or if it is genuine raise the limit with "
+                      f"{MAX_PIXELS_ENV}={width * height}")
+    return path, None
 
 
 def _resolve_images(df: pd.DataFrame, csv_path: Path, root: Path) -> pd.Series:
-    """Absolute image paths; every path must stay inside the data root and open as an image."""
-    root_resolved = root.resolve()
+    """Absolute image paths; every path must stay inside the data root and open as an image.
+
+    Inside means lexically (no '..' out of it, no absolute path); symbolic links inside the root are followed,
+    so train/ or test/ may link to another disk."""
+    root_absolute = Path(os.path.abspath(root))
     paths = []
     for row, rel in zip(df.index, df["img_path"]):
         if not rel:
             raise UserError(f"{csv_path} line {line_of(row)}: empty img_path")
-        full = (root / rel).resolve()
-        if not full.is_relative_to(root_resolved):
+        full = Path(os.path.abspath(root / rel))
+        if not full.is_relative_to(root_absolute):
             raise UserError(f"{csv_path} line {line_of(row)}: img_path '{rel}' escapes the data root {root}; "
                             "image paths must be relative paths inside it")
         paths.append(full)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        problems = list(pool.map(_image_problem, paths))
-    for row, rel, problem in zip(df.index, df["img_path"], problems):
+        checked = list(pool.map(partial(_check_image, limit=max_image_pixels()), paths))
+    for row, rel, (_, problem) in zip(df.index, df["img_path"], checked):
         if problem:
-            raise UserError(f"{csv_path} line {line_of(row)}: image '{rel}' {problem} under {root}; "
-                            "restore the file or remove the row")
-    return pd.Series([str(p) for p in paths], index=df.index)
+            raise UserError(f"{csv_path} line {line_of(row)}: image '{rel}' under {root} {problem}")
+    return pd.Series([str(path) for path, _ in checked], index=df.index)
+
+
+def _check_label_spellings(train: pd.DataFrame, path: Path) -> None:
+    """Two spellings of one name that differ only in Unicode normalisation (e.g. 'é' as one code point or as
+    'e' plus an accent) would become two classes that look identical."""
+    first_spelling: dict[str, str] = {}
+    for artist in train["artist"].unique():
+        key = unicodedata.normalize("NFC", artist)
+        if first_spelling.setdefault(key, artist) != artist:
+            rows = [train.index[train["artist"] == name][0] for name in (first_spelling[key], artist)]
+            raise UserError(f"{path} line {line_of(rows[1])}: artist '{artist}' is spelled with other Unicode "
+                            f"code points (NFC vs NFD) than at line {line_of(rows[0])}; write every name the "
+                            "same way")
 
 
 def _apply_label_fixes(train: pd.DataFrame, label_fixes: dict[int, str], classes: list[str]) -> list[str]:
@@ -174,9 +245,9 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
     root = Path(root)
     train_path, test_path = root / "train.csv", root / "test.csv"
     sample_path = root / "sample_submission.csv"
-    train = read_csv(train_path, TRAIN_COLUMNS)
-    test = read_csv(test_path, TEST_COLUMNS)
-    sample = read_csv(sample_path, SUBMISSION_COLUMNS)
+    train = read_csv(train_path, TRAIN_COLUMNS, log)
+    test = read_csv(test_path, TEST_COLUMNS, log)
+    sample = read_csv(sample_path, SUBMISSION_COLUMNS, log)
     if train.empty:
         raise UserError(f"{train_path}: no rows; it must list the training images")
     _check_ids(train, train_path)
@@ -186,6 +257,7 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
     if len(empty_label):
         raise UserError(f"{train_path} line {line_of(empty_label[0])}: empty artist label; "
                         "fill it in or remove the row")
+    _check_label_spellings(train, train_path)
     missing = sorted(set(sample["id"]) - set(test["id"]))
     extra = sorted(set(test["id"]) - set(sample["id"]))
     if missing or extra:
@@ -246,14 +318,23 @@ def shared_folds(data: CompetitionData, n_folds: int, seed: int, folds_dir: Path
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file to RGB uint8 (greyscale is expanded, alpha dropped); raises UserError if it fails."""
+    """Decode an image file to RGB uint8; raises UserError if it fails.
+
+    OpenCV's IMREAD_COLOR expands greyscale to three equal channels, converts CMYK JPEGs to RGB, scales 16-bit
+    images to 8 bits and drops an alpha channel (pixels keep their stored colour; nothing is composited)."""
     try:
         buffer = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise UserError(f"{path}: cannot read the file ({exc.strerror}); restore it or remove its row") from None
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
+    except cv2.error as exc:  # e.g. over OpenCV's own pixel limit, CV_IO_MAX_IMAGE_PIXELS
+        raise UserError(f"{path}: OpenCV refuses to decode the image (failed check: {exc.err}); replace it, remove "
+                        "its row, or raise OpenCV's limits with the OPENCV_IO_MAX_IMAGE_* environment variables") \
+            from None
     if image is None:
-        raise UserError(f"{path}: cannot decode the image (corrupt or unsupported); replace it or remove its row")
+        raise UserError(f"{path}: cannot decode the image (corrupt, truncated or unsupported); replace it or "
+                        "remove its row")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

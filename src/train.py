@@ -28,7 +28,7 @@ from .inference import predict_probs, probs_frame
 from .io_utils import save_torch, write_csv, write_json
 from .losses import build_loss
 from .metrics import scores
-from .models import build_model, load_checkpoint, normalisation
+from .models import build_model, load_checkpoint, normalisation, read_checkpoint
 from .optim import SAM, build_optimizer, build_scheduler
 from .runtime import amp_dtype, autocast, seed_everything, to_device, worker_count
 from .sampler import build_sampler
@@ -235,11 +235,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     name = f"{cfg.name} fold {fold}"
     last_path = fold_dir / "last.pt"
     if last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise UserError(f"{last_path}: cannot load this checkpoint ({type(exc).__name__}); delete it to train "
-                            "the fold from the start, or rerun with --restart") from None
+        state = read_checkpoint(last_path)
         if state.get("fingerprint") == fingerprint and len(state["rng"]) != ctx.world_size:
             raise UserError(f"{last_path} was saved by {len(state['rng'])} training processes, this run has "
                             f"{ctx.world_size}; rerun with the same --ddp, or with --restart to start over")

@@ -4,10 +4,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from src.cli import main as cli_main
+from src.data import load_competition_data
 from src.demo_data import generate_demo_dataset
+from src.errors import UserError
 
 # Small enough for a 2-core CPU: 6 artists, tiny images, one epoch at 48 px, batch 8.
 TINY_RUN = ["--profile", "demo", "input.img_size=48", "train.epochs=1", "train.batch_size=8",
@@ -25,6 +28,21 @@ def tiny_root(tmp_path_factory) -> Path:
 def data_copy(tiny_root, tmp_path) -> Path:
     """A private copy of the tiny dataset that a test may break."""
     return Path(shutil.copytree(tiny_root, tmp_path / "data"))
+
+
+def rewrite(path: Path, edit) -> None:
+    """Edit a CSV of a data copy through pandas."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(df).to_csv(path, index=False)
+
+
+def load_error(root: Path) -> str:
+    """The message loading `root` stops with; it must be one line."""
+    with pytest.raises(UserError) as info:
+        load_competition_data(root)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
 
 
 def run_cli(*args: str) -> int:

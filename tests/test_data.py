@@ -1,29 +1,14 @@
 """Loading the competition layout: each bad input stops with one line naming the file, line and problem."""
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import load_competition_data, make_folds, read_image, shared_folds
+from src.data import load_competition_data, make_folds, shared_folds
 from src.errors import UserError
 
-from .conftest import run_cli
-
-
-def rewrite(path: Path, edit) -> None:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    edit(df).to_csv(path, index=False)
-
-
-def load_error(root: Path) -> str:
-    with pytest.raises(UserError) as info:
-        load_competition_data(root)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
+from .conftest import load_error, rewrite, run_cli
 
 
 def test_loads_the_demo_layout(tiny_root):
@@ -126,17 +111,6 @@ def test_folds_are_stratified_and_identical_across_runs(tiny_root, tmp_path):
     assert len(list((tmp_path / "folds").glob("*.csv"))) == 1
     other_seed = make_folds(data.train["id"], data.train["artist"], 5, 7)
     assert not (other_seed == fresh).all()
-
-
-def test_read_image_converts_greyscale_and_alpha_to_rgb(tmp_path):
-    import cv2
-
-    grey = tmp_path / "grey.png"
-    cv2.imwrite(str(grey), np.full((5, 7), 128, np.uint8))
-    rgba = tmp_path / "alpha.png"
-    cv2.imwrite(str(rgba), np.full((5, 7, 4), 200, np.uint8))
-    assert read_image(str(grey)).shape == (5, 7, 3)
-    assert read_image(str(rgba)).shape == (5, 7, 3)
 
 
 def test_command_line_gives_one_line_and_nonzero_exit(data_copy, tmp_path, capsys):

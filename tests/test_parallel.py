@@ -88,7 +88,7 @@ def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, t
     broken.write_bytes(b"truncated")
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
-    assert "1 of 5 folds failed: exp00 fold 3 failed (exit 2)" in err and "cannot load this checkpoint" in err
+    assert "1 of 5 folds failed: exp00 fold 3 failed (exit 2)" in err and "not a readable checkpoint" in err
     assert str(outputs / "exp00" / "logs" / "fold3.log") in err
     assert all((outputs / "exp00" / f"fold{k}" / "done.json").is_file() for k in (0, 1, 2, 4))
     assert not (outputs / "exp00" / "oof.csv").exists()

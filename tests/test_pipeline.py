@@ -1,6 +1,9 @@
 """End to end: `run exp00` on tiny demo data writes every promised file, with honest contents."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import yaml
@@ -78,6 +81,18 @@ def test_changed_config_refuses_to_mix_with_finished_folds(finished_run, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "--restart" in err[0] and "fold0" in err[0]
+
+
+def test_restart_discards_the_finished_folds_and_trains_again(finished_run, tmp_path, capsys):
+    outputs = Path(shutil.copytree(finished_run["outputs"], tmp_path / "outputs"))
+    args = ["run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions",
+            tmp_path / "submissions", *TINY_RUN, "optimizer.lr=0.01", "train.folds=[0]"]
+    assert run_cli(*args) == 2
+    assert run_cli(*args, "--restart") == 0
+    assert f"--restart: removed {outputs / 'exp00'}" in capsys.readouterr().out
+    assert sorted(p.name for p in (outputs / "exp00").glob("fold*")) == ["fold0"]
+    assert yaml.safe_load((outputs / "exp00" / "config.yaml").read_text())["optimizer"]["lr"] == 0.01
+    assert not (outputs / "exp00" / "oof.csv").exists()  # written again once all five folds are done
 
 
 def test_same_config_and_seed_give_an_identical_oof_on_the_cpu(finished_run, tmp_path):
