@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Thin dispatcher. Usage:
 #   bash run.sh exp00 [key=value ...] [--data DIR] [--profile demo|none] [--restart]   train one experiment
-#   bash run.sh ladder [exp01 exp02 ...] [key=value ...]                             several experiments in turn
+#   bash run.sh ladder [exp01 exp02 ... | aug_* | feat*] [key=value ...]              several experiments in turn
 #   bash run.sh score [exp ...] [--detail exp07]                                     ablation table from the OOFs
+#   bash run.sh fewshot [--config exp00 --ways 5 --shots 1 5 10 --episodes 600]      few-shot artists, frozen features
+#   bash run.sh eda [--data DIR]                                                     pictures of the data (outputs/eda)
 #   bash run.sh tta exp07 [--mode hflip|flips|d4]                                    TTA run of a finished experiment
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
 #   bash run.sh test [pytest args]                                                   run the test suite
@@ -32,7 +34,7 @@ pick_python() {
 command="${1:-help}"
 case "$command" in
   help|-h|--help)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     echo "experiments: $(cd configs && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
     exit 0 ;;
 esac
@@ -41,7 +43,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|fewshot|eda) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

@@ -17,6 +17,7 @@ import yaml
 from .config import ExperimentConfig, result_fingerprint, run_info
 from .data import CompetitionData, ImageDataset, make_loader, shared_folds
 from .errors import UserError
+from .features import FEATURE_DIR, FrozenFeatureFolds
 from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
 from .metrics import scores, solution_f1
@@ -60,7 +61,8 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
                    extra_info: dict[str, Any], restart: bool = False,
                    log: Callable[[str], None] = print) -> dict[str, float]:
-    """Train the configured folds; once all folds are done write oof.csv, test_probs.csv and the submission."""
+    """Train the configured folds (fine-tuning, or a classifier on frozen features when cfg.frozen is set); once
+    all folds are done write oof.csv, test_probs.csv and the submission."""
     started = time.time()
     out_dir = outputs / cfg.name
     if restart and out_dir.exists():
@@ -73,6 +75,7 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
                         "result_fingerprint": fingerprint}}, out_dir / "config.yaml")
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     device = select_device()
+    frozen = FrozenFeatureFolds(cfg, data, outputs / FEATURE_DIR, device, log) if cfg.frozen else None
     all_folds = list(range(cfg.data.n_folds))
     for fold in cfg.train.folds if cfg.train.folds is not None else all_folds:
         if fold not in all_folds:
@@ -85,7 +88,10 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         if status == "done":
             log(f"{cfg.name} fold {fold}: already complete, skipped")
             continue
-        train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log)
+        if frozen:
+            frozen.fit_fold(folds, fold, fold_dir, fingerprint)
+        else:
+            train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log)
 
     pending = [k for k in all_folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
     if pending:
@@ -133,6 +139,9 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
     whether TTA helps."""
     started = time.time()
     cfg = saved_config(outputs / source)
+    if cfg.frozen:
+        raise UserError(f"{source} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no fold "
+                        "networks); TTA needs a fine-tuned experiment")
     name = f"{source}-tta-{mode}"
     out_dir = outputs / name
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
@@ -146,7 +155,7 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
         model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
         load_checkpoint(model, checkpoint, data.classes, cfg.model.backbone)
         model.to(device)
-        mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+        mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         predictor = with_tta(model, mode)
         val_rows = data.train[(folds["fold"] == fold).to_numpy()]
         for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),

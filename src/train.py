@@ -135,7 +135,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
         train_rows = pd.concat([train_rows, style_images_for_fold(data.style, set(val_rows["id"]))])
 
     model = build_model(cfg.model, len(data.classes)).to(device)
-    mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+    mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device)
     train_dataset = ImageDataset(train_rows["path"], train_rows["label"],
                                  build_train_transform(cfg, mean, std, seed=cfg.seed + fold))
