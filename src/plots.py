@@ -21,7 +21,6 @@ import pandas as pd
 from PIL import Image
 
 from .data import CompetitionData, read_image
-from .errors import UserError
 from .io_utils import atomic_path, write_csv
 
 # Of 64 bits. On the demo data a resized (x0.6), re-encoded (JPEG 70) copy stays within 4 of its source and no two
@@ -94,20 +93,12 @@ def closest_pairs(hashes: np.ndarray, count: int) -> pd.DataFrame:
     return _pair_frame(parts).head(count)
 
 
-def _decode(path: str, flags: int) -> np.ndarray:
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flags)
-    if image is None:
-        raise UserError(f"{path}: cannot decode the image (corrupt or unsupported); replace it or remove its row")
-    return image
-
-
 def image_stats(path: str) -> dict:
     """Size (from the header), greyscale flag and pHash of one image (large ones decoded at half size, which is
     plenty for a 32x32 hash and a greyscale check, and twice as fast)."""
     with Image.open(path) as header:
         width, height, mode = header.width, header.height, header.mode
-    flags = cv2.IMREAD_REDUCED_COLOR_2 if min(width, height) >= 256 else cv2.IMREAD_COLOR
-    image = cv2.cvtColor(_decode(path, flags), cv2.COLOR_BGR2RGB)
+    image = read_image(path, reduce=2 if min(width, height) >= 256 else 1)
     spread = image.max(axis=2).astype(np.int16) - image.min(axis=2)
     greyscale = mode in ("1", "L", "LA", "I", "I;16") or bool(np.percentile(spread, 99) <= GREY_TOLERANCE)
     return {"width": width, "height": height, "greyscale": greyscale, "phash": phash(image)}
@@ -172,8 +163,6 @@ def plot_greyscale_share(images: pd.DataFrame, path: Path) -> Path:
 def plot_duplicate_pairs(images: pd.DataFrame, pairs: pd.DataFrame, path: Path, threshold: int) -> Path:
     """Pairs of images side by side with their pHash distance and whether it counts as a near-duplicate."""
     plt = pyplot()
-    if pairs.empty:
-        raise UserError("eda: fewer than two images, no pair to show")
     fig, axes = plt.subplots(len(pairs), 2, figsize=(7, 3.2 * len(pairs)), squeeze=False)
     for (left, right), pair in zip(axes, pairs.itertuples(index=False)):
         verdict = "near-duplicate" if pair.distance <= threshold else "not a duplicate"
@@ -205,9 +194,10 @@ def eda(data: CompetitionData, out_dir: Path, threshold: int = DUPLICATE_DISTANC
     write_csv(named.drop(columns=["i", "j"]), out_dir / "near_duplicates.csv")
     written = [plot_class_counts(images, out_dir / "class_counts.png"),
                plot_image_sizes(images, out_dir / "image_sizes.png"),
-               plot_greyscale_share(images, out_dir / "greyscale.png"),
-               plot_duplicate_pairs(images, closest_pairs(hashes, max(show, min(len(duplicates), 12))),
-                                    out_dir / "near_duplicates.png", threshold)]
+               plot_greyscale_share(images, out_dir / "greyscale.png")]
+    closest = closest_pairs(hashes, max(show, min(len(duplicates), 12)))
+    if len(closest):
+        written.append(plot_duplicate_pairs(images, closest, out_dir / "near_duplicates.png", threshold))
     log(f"eda: {len(images)} images ({(images['split'] == 'train').sum()} train); greyscale "
         f"{images['greyscale'].mean():.1%}; {len(duplicates)} near-duplicate pairs at pHash distance <= "
         f"{threshold}")
