@@ -84,3 +84,8 @@ def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
     base = result_fingerprint(resolve_config("exp00")[0], "data")
     for override in ("augment.single=blur", "frozen.classifier=knn"):
         assert result_fingerprint(resolve_config("exp00", overrides=[override])[0], "data") != base
+
+
+def test_unknown_key_inside_the_optional_frozen_section_is_named():
+    with pytest.raises(UserError, match="unknown config key 'frozen.classifer'"):
+        resolve_config("feat01", overrides=["frozen.classifer=knn"])

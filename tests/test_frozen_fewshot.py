@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from src.config import resolve_config
 from src.data import load_competition_data
@@ -49,8 +50,6 @@ def test_tta_of_a_frozen_feature_experiment_is_refused(tiny_root, tmp_path, caps
     outputs = tmp_path / "outputs"
     (outputs / "feat01").mkdir(parents=True)
     cfg = resolve_config("feat01", "demo")[0]
-    import yaml
-
     (outputs / "feat01" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert run_cli("tta", "feat01", "--data", tiny_root, "--outputs", outputs) == 2
     assert "frozen-feature" in capsys.readouterr().err
