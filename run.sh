@@ -2,8 +2,10 @@
 # Thin dispatcher. Usage:
 #   bash run.sh exp00 [key=value ...] [--data DIR] [--profile demo|none] [--restart]   train one experiment
 #   bash run.sh exp07 --gpus 0,1,2,3 | --ddp N                                       folds in parallel / DDP
-#   bash run.sh ladder [exp01 exp02 ...] [key=value ...]                             several experiments in turn
+#   bash run.sh ladder [exp01 exp02 ... | aug_* | feat*] [key=value ...]              several experiments in turn
 #   bash run.sh score [exp ...] [--detail exp07]                                     ablation table from the OOFs
+#   bash run.sh fewshot [--config exp00 --ways 5 --shots 1 5 10 --episodes 600]      few-shot artists, frozen features
+#   bash run.sh eda [--data DIR]                                                     pictures of the data (outputs/eda)
 #   bash run.sh tta exp07 [--mode hflip|flips|d4]                                    TTA run of a finished experiment
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
 #   bash run.sh bench [--backbone NAME --img-size N --batch B]                       images/s, speed switches
@@ -43,7 +45,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble|bench) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|bench|fewshot|eda) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

@@ -111,7 +111,7 @@ class Bench:
         self.paths, self.labels = rows["path"].tolist(), rows["label"].tolist()
         self.figures: list[Figure] = []
         model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
-        self.mean, self.std = normalisation(model, cfg.input.mean, cfg.input.std)
+        self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         self.cuda_only = "CUDA only" if self.device.type != "cuda" else ""
 
     def add(self, figure: Figure) -> Figure:

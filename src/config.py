@@ -13,7 +13,7 @@ import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,6 +26,9 @@ PROFILE_DIR = CONFIG_DIR / "profiles"
 NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size",
                    "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
                    "speed.persistent_workers", "speed.cache_dir")
+# Keys added after results existed, with the value at which they change nothing: at that value they stay out of
+# the fingerprint, so folds finished before the key existed remain valid.
+NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none"}
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
@@ -67,6 +70,8 @@ class AugmentConfig(_Strict):
     strong: bool = Field(False, description="the published set: transpose, flips, affine, hue/saturation, "
                          "brightness/contrast, channel shuffle, coarse dropout")
     extra_colour: bool = Field(False, description="colour jitter, gamma and greyscale on top")
+    single: Literal["none", "blur", "brightness", "exposure", "grayscale", "hue", "noise", "saturation"] = Field(
+        "none", description="one image-level augmentation added alone (the augmentation study, configs/aug_*.yaml)")
 
 
 class OptimizerConfig(_Strict):
@@ -126,6 +131,19 @@ class InferenceConfig(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class FrozenConfig(_Strict):
+    """A scikit-learn classifier on the pooled features of the frozen pretrained backbone (model.*, input.*)
+    instead of fine-tuning; the optimiser, scheduler, loss, train and augment sections are then unused."""
+    classifier: Literal["logreg", "knn", "mlp"]
+    logreg_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
+    knn_k: int = Field(5, ge=1)
+    knn_weights: Literal["uniform", "distance"] = Field(
+        "distance", description="distance: nearer neighbours count more, which also breaks ties between artists")
+    mlp_hidden: int = Field(512, ge=1)
+    mlp_alpha: float = Field(1e-3, ge=0, description="L2 penalty of the MLP")
+    mlp_max_iter: int = Field(500, ge=1)
+
+
 class ExperimentConfig(_Strict):
     name: str
     parent: Optional[str] = None
@@ -141,6 +159,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    frozen: Optional[FrozenConfig] = Field(None, description="when set: frozen features + scikit-learn classifier")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -161,9 +180,10 @@ def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str = "
         if field is None:
             known = ", ".join(model.model_fields)
             raise UserError(f"{source}: unknown config key '{dotted}' (known here: {known}); fix or remove it")
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
-            _check_keys(value, annotation, source, prefix=f"{dotted}.")
+        section = next((t for t in (field.annotation, *get_args(field.annotation))  # Optional[Model] too
+                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        if section is not None and isinstance(value, dict):
+            _check_keys(value, section, source, prefix=f"{dotted}.")
 
 
 def deep_merge(base: dict, changes: dict) -> dict:
@@ -262,7 +282,8 @@ def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional
 def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
     """Hash of every setting that changes what a fold learns, plus the data: a finished fold is reused
     only while this matches."""
-    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in NON_RESULT_KEYS}
+    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
+            if k not in NON_RESULT_KEYS and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
     payload = json.dumps({"config": flat, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -18,6 +18,7 @@ from .config import ExperimentConfig, result_fingerprint, run_info
 from .data import CompetitionData, ImageDataset, make_loader, shared_folds
 from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
 from .errors import UserError
+from .features import FEATURE_DIR, FrozenFeatureFolds
 from .image_cache import cache_for
 from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
@@ -62,8 +63,9 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
                    extra_info: dict[str, Any], restart: bool = False,
                    log: Callable[[str], None] = print, ctx: DistContext = SINGLE_PROCESS) -> dict[str, float]:
-    """Train the configured folds; once all folds are done write oof.csv, test_probs.csv and the submission.
-    Under DDP every rank runs this; rank 0 alone writes files and publishes."""
+    """Train the configured folds (fine-tuning, or a classifier on frozen features when cfg.frozen is set); once
+    all folds are done write oof.csv, test_probs.csv and the submission. Under DDP every rank runs this; rank 0
+    alone writes files and publishes."""
     started = time.time()
     out_dir = outputs / cfg.name
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
@@ -81,6 +83,9 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     device = device_for(ctx)
     image_cache = cache_for(cfg, outputs)
+    if cfg.frozen and ctx.enabled:
+        raise UserError(f"{cfg.name} fits a classifier on frozen features in one process; run it without --ddp")
+    frozen = FrozenFeatureFolds(cfg, data, outputs / FEATURE_DIR, device, log) if cfg.frozen else None
     all_folds = list(range(cfg.data.n_folds))
     for fold in cfg.train.folds if cfg.train.folds is not None else all_folds:
         if fold not in all_folds:
@@ -93,7 +98,10 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         if status == "done":
             log(f"{cfg.name} fold {fold}: already complete, skipped")
             continue
-        train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx)
+        if frozen:
+            frozen.fit_fold(folds, fold, fold_dir, fingerprint)
+        else:
+            train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx)
 
     if not ctx.is_main:
         return {}
@@ -143,6 +151,9 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
     whether TTA helps."""
     started = time.time()
     cfg = saved_config(outputs / source)
+    if cfg.frozen:
+        raise UserError(f"{source} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no fold "
+                        "networks); TTA needs a fine-tuned experiment")
     name = f"{source}-tta-{mode}"
     out_dir = outputs / name
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
@@ -157,7 +168,7 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
         model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
         load_checkpoint(model, checkpoint, data.classes, cfg.model.backbone)
         model.to(device)
-        mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+        mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         predictor = with_tta(model, mode)
         val_rows = data.train[(folds["fold"] == fold).to_numpy()]
         for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),

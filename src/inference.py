@@ -1,4 +1,5 @@
-"""Batched prediction: class probabilities (softmax in float32) for every image of a loader."""
+"""Batched prediction: class probabilities (softmax in float32) or pooled backbone features for every image
+of a loader."""
 from __future__ import annotations
 
 import sys
@@ -12,25 +13,38 @@ from tqdm import tqdm
 from .runtime import autocast, to_device
 
 
-@torch.no_grad()
+@torch.no_grad()  # on a generator, torch disables gradients only while it runs
+def _outputs(model: nn.Module, loader, device: torch.device, amp: bool, amp_dtype: str, desc: str,
+             channels_last: bool = False):
+    """(float32 outputs, labels) per batch of the loader, in order."""
+    model.eval()
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        images = to_device(images, device, channels_last)
+        with autocast(device, amp, amp_dtype):
+            outputs = model(images)
+        yield outputs.float(), labels
+
+
 def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
                   criterion: nn.Module | None = None, desc: str = "predict",
                   channels_last: bool = False) -> tuple[np.ndarray, float | None]:
     """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known)."""
-    model.eval()
     probs, total_loss, seen = [], 0.0, 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        images = to_device(images, device, channels_last)
-        with autocast(device, amp, amp_dtype):
-            logits = model(images)
-        logits = logits.float()
+    for logits, labels in _outputs(model, loader, device, amp, amp_dtype, desc, channels_last):
         if criterion is not None:
             labels = labels.to(device, non_blocking=True)
-            total_loss += criterion(logits, labels).item() * len(images)
-            seen += len(images)
+            total_loss += criterion(logits, labels).item() * len(logits)
+            seen += len(logits)
         probs.append(torch.softmax(logits, dim=1).cpu().numpy())
     loss = total_loss / seen if criterion is not None and seen else None
     return np.concatenate(probs), loss
+
+
+def predict_features(backbone: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
+                     desc: str = "features") -> np.ndarray:
+    """The backbone's pooled features (float32) in loader order."""
+    return np.concatenate([features.cpu().numpy() for features, _ in
+                           _outputs(backbone, loader, device, amp, amp_dtype, desc)])
 
 
 def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:

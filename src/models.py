@@ -113,20 +113,23 @@ def _pretrained_backbone(cfg: ModelConfig) -> nn.Module:
                         "use the weights of this backbone") from None
 
 
-def build_model(cfg: ModelConfig, n_classes: int) -> ArtistClassifier:
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The timm backbone without classifier: images -> pooled features (num_features wide)."""
     if not timm.is_model(cfg.backbone):
         raise UserError(f"model.backbone: unknown timm model '{cfg.backbone}'; "
                         "see timm.list_models() for the names")
     if cfg.pretrained:
-        backbone = _pretrained_backbone(cfg)
-    else:
-        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
-    return ArtistClassifier(backbone, n_classes, cfg.head, cfg.head_hidden, cfg.head_dropout)
+        return _pretrained_backbone(cfg)
+    return timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
 
 
-def normalisation(model: ArtistClassifier, mean=None, std=None) -> tuple[tuple, tuple]:
+def build_model(cfg: ModelConfig, n_classes: int) -> ArtistClassifier:
+    return ArtistClassifier(build_backbone(cfg), n_classes, cfg.head, cfg.head_hidden, cfg.head_dropout)
+
+
+def normalisation(backbone: nn.Module, mean=None, std=None) -> tuple[tuple, tuple]:
     """Mean and std of the backbone's pretraining unless the config sets them."""
-    pretrained_cfg = model.backbone.pretrained_cfg
+    pretrained_cfg = backbone.pretrained_cfg
     return tuple(mean or pretrained_cfg.get("mean")), tuple(std or pretrained_cfg.get("std"))
 
 

@@ -15,7 +15,7 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 
 from .errors import UserError
-from .io_utils import atomic_path, write_csv, write_text
+from .io_utils import write_csv, write_text
 from .metrics import solution_f1
 
 BOOTSTRAP_SAMPLES = 1000
@@ -126,13 +126,11 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def class_report(out_dir: Path) -> tuple[Path, Path]:
-    """Per-class F1 (CSV) and a confusion-matrix PNG for one experiment."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def class_report(out_dir: Path) -> list[Path]:
+    """Per-class F1 (CSV and PNG), the confusion-matrix PNG and, for trained experiments, the training curves."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from .plots import plot_confusion_matrix, plot_per_class_f1, plot_training_curves
 
     oof, classes = read_oof(out_dir)
     precision, recall, f1, support = precision_recall_fscore_support(oof["artist"], oof["pred"], labels=classes,
@@ -141,20 +139,13 @@ def class_report(out_dir: Path) -> tuple[Path, Path]:
                            "support": support}).sort_values("f1")
     write_csv(report, out_dir / "per_class_f1.csv")
     matrix = confusion_matrix(oof["artist"], oof["pred"], labels=classes, normalize="true")
-    fig, ax = plt.subplots(figsize=(14, 12))
-    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true (rows sum to 1)")
-    ax.set_title(f"{out_dir.name}: OOF confusion matrix, macro F1 {f1.mean():.4f}")
-    fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    png = out_dir / "confusion_matrix.png"
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out_dir / "per_class_f1.csv", png
+    written = [out_dir / "per_class_f1.csv",
+               plot_per_class_f1(report, f"{out_dir.name}: OOF F1 per artist (macro {f1.mean():.4f})",
+                                 out_dir / "per_class_f1.png"),
+               plot_confusion_matrix(matrix, classes, f"{out_dir.name}: OOF confusion matrix, macro F1 {f1.mean():.4f}",
+                                     out_dir / "confusion_matrix.png")]
+    curves = plot_training_curves(out_dir)
+    return written + ([curves] if curves else [])
 
 
 def write_ablation(outputs: Path, names: list[str]) -> pd.DataFrame:

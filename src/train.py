@@ -209,7 +209,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
         train_rows = pd.concat([train_rows, style_images_for_fold(data.style, set(val_rows["id"]))])
 
     model = build_model(cfg.model, len(data.classes)).to(device)
-    mean, std = normalisation(model, cfg.input.mean, cfg.input.std)
+    mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     stream_seed = cfg.seed + fold + 10_000 * ctx.rank
     if ctx.enabled:
         seed_everything(stream_seed)

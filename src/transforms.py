@@ -2,6 +2,8 @@
 is an error instead of a silently ignored warning."""
 from __future__ import annotations
 
+from typing import Callable
+
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
@@ -54,12 +56,28 @@ def extra_colour_augmentations() -> list:
     ]
 
 
+# The augmentation study (augment.single): each preset is one image-level transform applied to half the
+# images, added alone to a base without other augmentation, so its row of the ablation table measures it alone.
+SINGLE_AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
+    "blur": lambda: A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.5, 2.0), p=0.5, strict=True),
+    "brightness": lambda: A.RandomBrightnessContrast(brightness_limit=0.25, contrast_limit=0.0, p=0.5, strict=True),
+    "exposure": lambda: A.RandomGamma(gamma_limit=(60, 160), p=0.5, strict=True),
+    "grayscale": lambda: A.ToGray(p=0.5, strict=True),
+    "hue": lambda: A.HueSaturationValue(hue_shift_limit=20, sat_shift_limit=0, val_shift_limit=0, p=0.5,
+                                        strict=True),
+    "noise": lambda: A.GaussNoise(std_range=(0.02, 0.08), p=0.5, strict=True),
+    "saturation": lambda: A.ColorJitter(brightness=0, contrast=0, saturation=(0.5, 1.5), hue=0, p=0.5,
+                                        strict=True),
+}
+
+
 def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Compose:
     """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded through Compose's own generator."""
     aug = cfg.augment
     steps = _train_crop(aug, cfg.input.img_size)
     steps += strong_augmentations() if aug.strong else []
     steps += extra_colour_augmentations() if aug.extra_colour else []
+    steps += [SINGLE_AUGMENTATIONS[aug.single]()] if aug.single != "none" else []
     return A.Compose(steps + _to_tensor(mean, std), seed=seed, strict=True)
 
 

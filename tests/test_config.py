@@ -72,3 +72,20 @@ def test_exp00_is_the_published_baseline():
     assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.patience, cfg.loss.name) == \
         (16, 1000, 10, "cross_entropy")
     assert cfg.data.label_fixes == {3896: "Titian", 3986: "Alfred Sisley"}
+
+
+def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
+    """Configs that do not use augment.single or frozen keep the fingerprint they had before those keys existed,
+    so finished folds stay valid; using either key changes it."""
+    from src.config import NEUTRAL_VALUES, flatten, result_fingerprint
+
+    defaults = flatten(resolve_config("exp00")[0].model_dump(mode="json"))
+    assert all(defaults[key] == value for key, value in NEUTRAL_VALUES.items())
+    base = result_fingerprint(resolve_config("exp00")[0], "data")
+    for override in ("augment.single=blur", "frozen.classifier=knn"):
+        assert result_fingerprint(resolve_config("exp00", overrides=[override])[0], "data") != base
+
+
+def test_unknown_key_inside_the_optional_frozen_section_is_named():
+    with pytest.raises(UserError, match="unknown config key 'frozen.classifer'"):
+        resolve_config("feat01", overrides=["frozen.classifer=knn"])

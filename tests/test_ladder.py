@@ -8,6 +8,7 @@ import pytest
 
 from src.config import CONFIG_DIR
 from src.data import STYLE_CSV
+from src.errors import UserError
 
 from .conftest import TINY_RUN, run_cli
 
@@ -63,3 +64,23 @@ def test_ladder_runs_in_turn_and_reports_failures(tiny_root, tmp_path, capsys):
     assert code == 2
     assert (tmp_path / "o" / "exp01" / "oof.csv").is_file()
     assert "1 of 2 experiments failed: exp09" in captured.err
+
+
+def test_ladder_patterns_name_configs_under_configs(tmp_path):
+    from src.cli import expand_experiments
+
+    for name in ("aug_blur", "aug_hue", "exp00", "exp01", "feat01"):
+        (tmp_path / f"{name}.yaml").write_text("parent: exp00\n")
+    assert expand_experiments(["aug_*"], tmp_path) == ["aug_blur", "aug_hue"]
+    assert expand_experiments(["exp01", "exp*", "configs/feat01.yaml"], tmp_path) == ["exp01", "exp00", "feat01"]
+    with pytest.raises(UserError, match="no config .* matches 'nothing_\\*'"):
+        expand_experiments(["nothing_*"], tmp_path)
+
+
+def test_ladder_expands_the_unexpanded_shell_glob(tiny_root, tmp_path, capsys):
+    """`bash run.sh ladder aug_*` reaches the CLI as the literal 'aug_*' when nothing in the current folder matches;
+    here every matched config fails fast (an unknown backbone), which shows each was run in turn."""
+    code = run_cli("ladder", "aug_*", "--data", tiny_root, "--outputs", tmp_path / "o", "--submissions",
+                   tmp_path / "s", *TINY_RUN, "model.backbone=no_such_net")
+    err = capsys.readouterr().err
+    assert code == 2 and "7 of 7 experiments failed: aug_blur" in err and "aug_saturation" in err

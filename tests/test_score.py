@@ -81,8 +81,9 @@ def test_delta_against_the_parent_and_files(tmp_path, arrays):
     assert child["delta_vs_parent"] == pytest.approx(expected)
     assert child["delta_ci_low"] <= expected <= child["delta_ci_high"] < 0
     assert (tmp_path / "ablation.csv").is_file() and "| child | base |" in (tmp_path / "ablation.md").read_text()
-    report, png = class_report(tmp_path / "child")
-    assert len(pd.read_csv(report)) == 4 and png.read_bytes()[:4] == b"\x89PNG"
+    report, *pngs = class_report(tmp_path / "child")  # no fold histories: no training curves
+    assert len(pd.read_csv(report)) == 4 and [png.name for png in pngs] == ["per_class_f1.png", "confusion_matrix.png"]
+    assert all(png.read_bytes()[:4] == b"\x89PNG" for png in pngs)
 
 
 def test_missing_oof_is_a_clear_error(tmp_path):
@@ -94,4 +95,5 @@ def test_score_command_on_a_finished_run(finished_run, capsys):
     code = run_cli("score", "--outputs", finished_run["outputs"], "--detail", "exp00")
     out = capsys.readouterr().out
     assert code == 0 and "| exp00 |" in out
-    assert (finished_run["exp"] / "confusion_matrix.png").is_file()
+    for name in ("confusion_matrix.png", "per_class_f1.png", "training_curves.png"):
+        assert (finished_run["exp"] / name).read_bytes()[:4] == b"\x89PNG"

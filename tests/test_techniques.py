@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
+import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.config import CONFIG_DIR, ExperimentConfig, SchedulerConfig, resolve_config
+from src.config import CONFIG_DIR, AugmentConfig, ExperimentConfig, SchedulerConfig, resolve_config
 from src.data import style_images_for_fold
 from src.losses import FocalLoss, build_loss
 from src.optim import SAM, build_scheduler, warm_restart_lr
 from src.sampler import build_sampler
 from src.train import build_cutmix
-from src.transforms import build_eval_transform, build_train_transform
+from src.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform
 
 PEAK, FLOOR, GAMMA = 1e-3, 5e-6, 0.7
 
@@ -170,7 +172,7 @@ def test_style_images_never_train_the_fold_that_validates_their_sources():
     assert style_images_for_fold(style, val_ids=set())["id"].tolist() == ["g1", "g2", "g3", "g4"]
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 @pytest.mark.parametrize("profile", [None, "demo"])
 def test_every_augmentation_pipeline_builds_strictly_and_yields_the_input_size(name, profile):
     cfg: ExperimentConfig = resolve_config(name, profile)[0]
@@ -183,6 +185,25 @@ def test_every_augmentation_pipeline_builds_strictly_and_yields_the_input_size(n
         for shape in ((150, 100, 3), (90, 260, 3)):
             out = pipeline(image=rng.integers(0, 255, shape, dtype=np.uint8))["image"]
             assert tuple(out.shape) == (3, size, size)
+
+
+def test_augmentation_study_has_one_config_per_preset_and_each_preset_changes_images():
+    names = [n for n in get_args(AugmentConfig.model_fields["single"].annotation) if n != "none"]
+    assert sorted(SINGLE_AUGMENTATIONS) == sorted(names)
+    assert sorted(p.stem for p in CONFIG_DIR.glob("aug_*.yaml")) == sorted(f"aug_{n}" for n in names)
+    image = np.random.default_rng(0).integers(30, 220, (64, 48, 3), dtype=np.uint8)
+    for name in names:
+        cfg = resolve_config(f"aug_{name}")[0]
+        assert cfg.augment.single == name and cfg.parent == "exp00"
+        preset = SINGLE_AUGMENTATIONS[name]()
+        assert preset.p == 0.5
+        preset.p = 1.0
+        out = A.Compose([preset], seed=0, strict=True)(image=image)["image"]
+        assert out.shape == image.shape and not np.array_equal(out, image), name
+    grey = A.Compose([SINGLE_AUGMENTATIONS["grayscale"]()], seed=0, strict=True)
+    grey.transforms[0].p = 1.0
+    out = grey(image=image)["image"]
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
 
 
 def test_strict_checking_rejects_removed_arguments():
