@@ -36,7 +36,7 @@ pick_python() {
 command="${1:-help}"
 case "$command" in
   help|-h|--help)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     echo "experiments: $(cd configs && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
     exit 0 ;;
 esac
