@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from src.config import CONFIG_DIR, resolve_config
+from src.config import CONFIG_DIR, resolve_config, result_fingerprint
 from src.errors import UserError
 
 
@@ -75,15 +75,16 @@ def test_exp00_is_the_published_baseline():
 
 
 def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
-    """Configs that do not use augment.single or frozen keep the fingerprint they had before those keys existed,
-    so finished folds stay valid; using either key changes it."""
-    from src.config import NEUTRAL_VALUES, flatten, result_fingerprint
-
-    defaults = flatten(resolve_config("exp00")[0].model_dump(mode="json"))
-    assert all(defaults[key] == value for key, value in NEUTRAL_VALUES.items())
-    base = result_fingerprint(resolve_config("exp00")[0], "data")
-    for override in ("augment.single=blur", "frozen.classifier=knn"):
-        assert result_fingerprint(resolve_config("exp00", overrides=[override])[0], "data") != base
+    """Configs that do not use augment.single, frozen or the image cache keep the fingerprint they had before those
+    keys existed (the values pinned here were computed by commit c677d2d), so finished folds stay valid; using any
+    of them changes it."""
+    for name, before_the_keys in (("exp00", "d43d66f0704966f7"), ("exp07", "e1e6da487a657f26")):
+        assert result_fingerprint(resolve_config(name, "demo")[0], "data") == before_the_keys
+    base = result_fingerprint(resolve_config("exp00", "demo")[0], "data")
+    for override in ("augment.single=blur", "frozen.classifier=knn", "speed.image_cache=jpg"):
+        assert result_fingerprint(resolve_config("exp00", "demo", [override])[0], "data") != base
+    for override in ("speed.compile=true", "speed.channels_last=false", "speed.cache_dir=/tmp/x"):
+        assert result_fingerprint(resolve_config("exp00", "demo", [override])[0], "data") == base
 
 
 def test_unknown_key_inside_the_optional_frozen_section_is_named():
