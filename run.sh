@@ -6,6 +6,7 @@
 #   bash run.sh tta exp07 [--mode hflip|flips|d4]                                    TTA run of a finished experiment
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
 #   bash run.sh test [pytest args]                                                   run the test suite
+#   bash run.sh style [--rarest 11 --per-artist 5 | --published] [--size 256 ...]  style-transfer images (exp09/12/14)
 #   bash run.sh demo-data [--root DIR --seed N --scale S]                            make the demo dataset
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -32,7 +33,7 @@ pick_python() {
 command="${1:-help}"
 case "$command" in
   help|-h|--help)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     echo "experiments: $(cd configs && ls *.yaml | sed 's/\.yaml$//' | tr '\n' ' ')"
     exit 0 ;;
 esac
@@ -41,7 +42,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|style) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2
