@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .data import STYLE_COLUMNS, STYLE_CSV, read_csv, read_image
 from .errors import UserError
 from .io_utils import atomic_path, write_csv
+from .runtime import select_device
 
 CONTENT_LAYER = "conv4_2"
 STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
@@ -307,8 +308,9 @@ def stylise(extractor: FeatureExtractor, content_path: str, style_path: str, set
             desc: str) -> tuple[np.ndarray, list[float]]:
     """One generated painting at the content image's original size (optimised at settings.size)."""
     content_image, style_image = read_image(content_path), read_image(style_path)
-    content = to_tensor(match_colours(content_image, style_image), settings.size)
-    style = to_tensor(style_image, settings.size)
+    device = next(extractor.parameters()).device
+    content = to_tensor(match_colours(content_image, style_image), settings.size).to(device)
+    style = to_tensor(style_image, settings.size).to(device)
     result, losses = transfer_style(extractor, content, style, settings.steps, settings.content_weight,
                                     settings.style_weight, desc=desc)
     return to_image(result, content_image.shape[:2]), losses
@@ -322,8 +324,7 @@ def listed_rows(root: Path) -> dict[str, dict]:
 
 
 def generate_style_images(root: Path, train: pd.DataFrame, layers: list[tuple[int, int]], settings: StyleSettings,
-                          log: Callable[[str], None] = print,
-                          extractor: Optional[FeatureExtractor] = None) -> pd.DataFrame:
+                          log: Callable[[str], None] = print) -> pd.DataFrame:
     """Generate the images of every (rarest, per_artist) layer under root/style_transfer/ and list them in
     root/style_transfer.csv (rewritten atomically after each image). An image already listed whose file exists
     is skipped, so an interrupted run continues where it stopped; rows of other runs are kept."""
@@ -341,11 +342,12 @@ def generate_style_images(root: Path, train: pd.DataFrame, layers: list[tuple[in
             if (root / row["img_path"]).is_file():
                 continue
         todo.append(row)
+    device = select_device()
     log(f"style transfer: {len(plan)} images planned, {len(plan) - len(todo)} already done, {len(todo)} to "
         f"generate in {root / OUTPUT_DIR} ({settings.network}, weights {settings.weights}, {settings.size}px, "
-        f"{settings.steps} steps)")
+        f"{settings.steps} steps, {device.type})")
     if todo:
-        extractor = extractor or build_extractor(settings.network, settings.weights)
+        extractor = build_extractor(settings.network, settings.weights).to(device)
     paths = train.set_index("id")["path"]
     for number, row in enumerate(todo, 1):
         started = time.time()
