@@ -172,15 +172,15 @@ def evaluate(model: torch.nn.Module, loader, cfg: ExperimentConfig, device: torc
 
 
 def train_loader_for(dataset: ImageDataset, labels: np.ndarray, cfg: ExperimentConfig, device: torch.device,
-                     workers: int, ctx: DistContext, seed: int):
+                     workers: int, ctx: DistContext, seed: int, shared_seed: int):
     """The training loader. Under DDP each rank takes batch_size / world_size images a step, so a step still
-    sees train.batch_size images and the schedule is the same; DistributedSampler shuffles (set_epoch) unless
-    a class-balancing sampler draws each rank's share."""
+    sees train.batch_size images and the schedule is the same; DistributedSampler shuffles (set_epoch, with a
+    seed all ranks share) unless a class-balancing sampler draws each rank's share (with the rank's own seed)."""
     if cfg.train.batch_size % ctx.world_size:
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not split over {ctx.world_size} processes; "
                         f"choose a multiple of {ctx.world_size}")
     batch_size = cfg.train.batch_size // ctx.world_size
-    if build_cutmix(cfg, 2) is not None and batch_size % 2:
+    if cfg.train.cutmix_prob and batch_size % 2:
         raise UserError(f"train.cutmix_prob needs an even batch on each of the {ctx.world_size} processes, "
                         f"got {batch_size}; choose train.batch_size as a multiple of {2 * ctx.world_size}")
     sampler = build_sampler(labels, cfg.train.sampler, seed, shards=ctx.world_size)
@@ -188,7 +188,7 @@ def train_loader_for(dataset: ImageDataset, labels: np.ndarray, cfg: ExperimentC
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=cfg.seed)
+                                     seed=shared_seed)
     return make_loader(dataset, batch_size, workers, device, train=True, seed=seed, sampler=sampler,
                        pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers)
 
@@ -217,7 +217,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     train_dataset = ImageDataset(train_rows["path"], train_rows["label"],
                                  build_train_transform(cfg, mean, std, seed=stream_seed), cache=image_cache)
     train_loader = train_loader_for(train_dataset, train_rows["label"].to_numpy(), cfg, device, workers, ctx,
-                                    stream_seed)
+                                    stream_seed, shared_seed=cfg.seed + fold)
     val_loader = eval_loader(ImageDataset(val_rows["path"], val_rows["label"], build_eval_transform(cfg, mean, std),
                                           cache=image_cache), cfg, device, workers, ctx)
 
@@ -236,15 +236,16 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     last_path = fold_dir / "last.pt"
     if last_path.is_file():
         state = read_checkpoint(last_path)
-        if state.get("fingerprint") == fingerprint and len(state["rng"]) != ctx.world_size:
-            raise UserError(f"{last_path} was saved by {len(state['rng'])} training processes, this run has "
+        rng_per_rank = state["rng"] if isinstance(state.get("rng"), list) else [state.get("rng")]  # before DDP
+        if state.get("fingerprint") == fingerprint and len(rng_per_rank) != ctx.world_size:
+            raise UserError(f"{last_path} was saved by {len(rng_per_rank)} training processes, this run has "
                             f"{ctx.world_size}; rerun with the same --ddp, or with --restart to start over")
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            restore_rng(state["rng"][ctx.rank], train_loader, train_dataset.transform)
+            restore_rng(rng_per_rank[ctx.rank], train_loader, train_dataset.transform)
             history, best_f1, best_epoch = state["history"], state["best_macro_f1"], state["best_epoch"]
             best_val_probs = state["best_val_probs"].numpy()
             first_epoch = cfg.train.epochs + 1 if state["finished"] else state["epoch"] + 1
