@@ -2,6 +2,7 @@
 # Thin dispatcher. Usage:
 #   bash run.sh exp00 [key=value ...] [--data DIR] [--profile demo|none] [--restart]   train one experiment
 #   bash run.sh exp07 --gpus 0,1,2,3 | --ddp N                                       folds in parallel / DDP
+#   bash run.sh exp07 --ddp N --nnodes M --node-rank R --rdzv-endpoint HOST:PORT     DDP over M machines
 #   bash run.sh ladder [exp01 exp02 ... | aug_* | feat*] [key=value ...]              several experiments in turn
 #   bash run.sh score [exp ...] [--detail exp07]                                     ablation table from the OOFs
 #   bash run.sh fewshot [--config exp00 --ways 5 --shots 1 5 10 --episodes 600]      few-shot artists, frozen features
@@ -9,6 +10,7 @@
 #   bash run.sh tta exp07 [--mode hflip|flips|d4]                                    TTA run of a finished experiment
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
 #   bash run.sh bench [--backbone NAME --img-size N --batch B]                       images/s, speed switches
+#   bash run.sh gpucheck [--data DIR] [key=value ...]                                GPU acceptance run (CUDA)
 #   bash run.sh test [pytest args]                                                   run the test suite
 #   bash run.sh style [--rarest 11 --per-artist 5 | --published] [--size 256 ...]  style-transfer images (exp09/12/14)
 #   bash run.sh demo-data [--root DIR --seed N --scale S]                            make the demo dataset
@@ -46,7 +48,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble|bench|fewshot|eda|style) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|bench|gpucheck|fewshot|eda|style) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

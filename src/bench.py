@@ -21,16 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .config import ExperimentConfig
-from .data import CompetitionData, ImageDataset, make_loader
+from .data import CompetitionData
 from .distributed import SINGLE_PROCESS
 from .image_cache import ImageCache, needed_short_side
 from .io_utils import write_text
+from .loader import ImageDataset, make_loader
 from .models import build_model, normalisation
-from .runtime import autocast, available_cores, to_device, worker_count
-from .train import prepare_model, uses_channels_last
+from .runtime import (autocast, autocast_dtype, available_cores, select_device, synchronize, to_device,
+                      worker_count)
+from .train import (EpochStats, Training, build_training, prepare_model, train_one_epoch, train_step,
+                    uses_channels_last)
 from .transforms import build_train_transform
 from .tta import with_tta
 
@@ -49,11 +53,6 @@ class Figure:
         speedup = f"{self.images_per_s / self.baseline:.2f}x" if self.images_per_s and self.baseline else ""
         memory = f"{self.peak_gib:.2f}" if self.peak_gib is not None else ""
         return f"| {self.section} | {self.setting} | {rate} | {speedup} | {memory} | {self.note} |"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def images_per_second(run: Callable[[], int], device: torch.device) -> float:
@@ -80,15 +79,26 @@ def with_speed(cfg: ExperimentConfig, amp: bool, **speed) -> ExperimentConfig:
                                   "speed": cfg.speed.model_copy(update=speed)})
 
 
+def no_download(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Random weights: speed does not depend on them, and nothing is downloaded."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
+
+
+def waiting(stats: EpochStats) -> str:
+    return f"input pipeline: {100 * stats.data_seconds / stats.seconds:.0f}% of the time" if stats.seconds else ""
+
+
 def plain(cfg: ExperimentConfig) -> ExperimentConfig:
     """fp32, NCHW, no cudnn benchmark, eager, no cache, no pinned memory, workers restarted every epoch."""
     return with_speed(cfg, amp=False, channels_last=False, cudnn_benchmark=False, compile=False,
                       image_cache="none", pin_memory=False, persistent_workers=False)
 
 
-def loader_rate(dataset, cfg: ExperimentConfig, workers: int, device: torch.device, epochs: int = 1) -> float:
+def loader_rate(dataset, cfg: ExperimentConfig, workers: int, device: torch.device, epochs: int = 1,
+                opencv_threads: Optional[int] = 1) -> float:
     loader = make_loader(dataset, cfg.train.batch_size, workers, device, train=True, seed=0,
-                         pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers)
+                         pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers,
+                         worker_opencv_threads=opencv_threads)
 
     def run() -> int:
         count = 0
@@ -102,13 +112,14 @@ def loader_rate(dataset, cfg: ExperimentConfig, workers: int, device: torch.devi
 
 class Bench:
     def __init__(self, cfg: ExperimentConfig, data: CompetitionData, n_images: int, steps: int, warmup: int,
-                 workers: Optional[int], log: Callable[[str], None]):
+                 workers: Optional[int], log: Callable[[str], None], device: Optional[torch.device] = None):
         self.cfg, self.data, self.steps, self.warmup, self.log = cfg, data, steps, warmup, log
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or select_device()
         default_workers = worker_count(None, self.device) if self.device.type == "cuda" else available_cores()
         self.workers = workers if workers is not None else default_workers
-        rows = data.train.head(n_images)
-        self.paths, self.labels = rows["path"].tolist(), rows["label"].tolist()
+        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": self.workers})})
+        self.rows = data.train.iloc[np.arange(n_images) % len(data.train)]  # repeated when the data has fewer
+        self.paths, self.labels = self.rows["path"].tolist(), self.rows["label"].tolist()
         self.figures: list[Figure] = []
         model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
         self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
@@ -139,6 +150,10 @@ class Bench:
                             note=f"short side {cache.short_side}px, {size:,.0f} KiB an image on disk"))
         if self.workers:
             cache = ImageCache(cache_root / "jpg", needed_short_side(self.cfg), "jpg")
+            one_thread = loader_rate(self.dataset(cache), base, self.workers, self.device)
+            self.add(Figure(section, "jpg cache warm, OpenCV's default threads in every worker",
+                            loader_rate(self.dataset(cache), base, self.workers, self.device, opencv_threads=None),
+                            one_thread, note=f"against one OpenCV thread per worker: {one_thread:,.1f} images/s"))
             two_epochs = loader_rate(self.dataset(cache), base, self.workers, self.device, epochs=2)
             persistent = loader_rate(self.dataset(cache), with_speed(base, False, persistent_workers=True),
                                      self.workers, self.device, epochs=2)
@@ -166,25 +181,11 @@ class Bench:
         self.add(Figure(section, "copy to the GPU: pinned memory", images_per_second(copies(pinned), self.device),
                         pageable_rate, note=f"pageable: {pageable_rate:,.0f} images/s"))
 
-    def training_step(self, cfg: ExperimentConfig) -> Callable[[torch.Tensor, torch.Tensor], int]:
-        """A fresh model under `cfg`'s switches and a function doing one optimiser step on a batch."""
+    def training(self, cfg: ExperimentConfig, rows, cache: Optional[ImageCache] = None) -> Training:
+        """What the trainer builds for `cfg` (model, loader over `rows`, optimiser, schedule, scaler, loss, CutMix),
+        with random weights, on a clean peak-memory count."""
         reset_peak(self.device)
-        model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(self.data.classes))
-        model.to(self.device).train()
-        train_model, _ = prepare_model(model, cfg, self.device, SINGLE_PROCESS)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        criterion = torch.nn.CrossEntropyLoss()
-        channels_last = uses_channels_last(cfg, self.device)
-
-        def step(images: torch.Tensor, labels: torch.Tensor) -> int:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(self.device, cfg.train.amp, cfg.train.amp_dtype):
-                loss = criterion(train_model(to_device(images, self.device, channels_last)), labels.to(self.device))
-            loss.backward()
-            optimizer.step()
-            return len(images)
-
-        return step
+        return build_training(no_download(cfg), rows, len(self.data.classes), self.device, image_cache=cache)
 
     def timed(self, work: Callable[[], int]) -> float:
         """images/s of `work` (one batch a call) over the timed steps, after the warm-up steps."""
@@ -193,22 +194,30 @@ class Bench:
         return images_per_second(lambda: sum(work() for _ in range(self.steps)), self.device)
 
     def train_steps(self, cfg: ExperimentConfig) -> tuple[float, Optional[float]]:
-        """images/s and peak GPU memory of optimiser steps on one batch kept on the device."""
-        step = self.training_step(cfg)
+        """images/s and peak GPU memory of the trainer's steps (train.py's train_step: loss, scaler, schedule,
+        CutMix as configured) on one batch kept on the device."""
+        run = self.training(cfg, self.rows)
         size, batch = cfg.input.img_size, cfg.train.batch_size
         images = to_device(torch.randn(batch, 3, size, size), self.device, uses_channels_last(cfg, self.device))
         labels = torch.randint(0, len(self.data.classes), (batch,), device=self.device)
-        return self.timed(lambda: step(images, labels)), peak_gib(self.device)
+
+        def step() -> int:
+            train_step(run, images, labels)
+            return batch
+
+        return self.timed(step), peak_gib(self.device)
 
     def model_ceiling(self) -> float:
         section, base = "training steps (batch on device)", plain(self.cfg)
         plain_rate, memory = self.train_steps(base)
         self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory))
-        switches = {"bf16 autocast": dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
+        dtype = autocast_dtype(True, self.cfg.train.amp_dtype, self.device)
+        autocast_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "autocast"
+        switches = {autocast_name: dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
                     "cudnn benchmark": dict(amp=False, cudnn_benchmark=True),
                     "torch.compile": dict(amp=False, compile=True),
-                    "all: bf16 + channels_last + cudnn benchmark": dict(amp=True, channels_last=True,
-                                                                        cudnn_benchmark=True),
+                    f"all: {autocast_name} + channels_last + cudnn benchmark": dict(amp=True, channels_last=True,
+                                                                                   cudnn_benchmark=True),
                     "all + torch.compile": dict(amp=True, channels_last=True, cudnn_benchmark=True, compile=True)}
         best = plain_rate
         for name, switch in switches.items():
@@ -216,35 +225,31 @@ class Bench:
                 self.add(Figure(section, name, None, note=self.cuda_only))
                 continue
             amp = switch.pop("amp")
-            bf16 = base.model_copy(update={"train": base.train.model_copy(update={"amp_dtype": "bfloat16"})})
-            rate, memory = self.train_steps(with_speed(bf16, amp, **switch))
+            rate, memory = self.train_steps(with_speed(base, amp, **switch))
             best = max(best, rate)
             self.add(Figure(section, name, rate, plain_rate, memory))
         return best
 
-    def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> float:
-        """images/s of the real loop: loader (decode, augment, collate, copy) feeding optimiser steps."""
-        step = self.training_step(cfg)
-        loader = make_loader(self.dataset(cache), cfg.train.batch_size, self.workers, self.device, train=True,
-                             pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers)
-
-        def endless():
-            while True:
-                yield from loader
-
-        batches = endless()
-        return self.timed(lambda: step(*next(batches)))
+    def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> EpochStats:
+        """The trainer's own epoch (train.py's train_one_epoch) over steps x batch real images: one untimed epoch
+        (it fills the cache and compiles), then the timed one."""
+        rows = self.rows.iloc[np.arange(self.steps * cfg.train.batch_size) % len(self.rows)]
+        run = self.training(cfg, rows, cache)
+        train_one_epoch(run, 0, desc="bench warm-up epoch")
+        return train_one_epoch(run, 1, desc="bench epoch")
 
     def real_loop(self, cache_root: Path, ceiling: Optional[float]) -> None:
         section = "training loop (real images)"
-        plain_rate = self.train_loop(plain(self.cfg), None)
-        self.add(Figure(section, "plain: fp32, decode every image", plain_rate, peak_gib=peak_gib(self.device)))
+        plain_stats = self.train_loop(plain(self.cfg), None)
+        self.add(Figure(section, "plain: fp32, decode every image", plain_stats.images_per_s,
+                        peak_gib=peak_gib(self.device), note=waiting(plain_stats)))
         cache = ImageCache(cache_root / self.cfg.speed.image_cache, needed_short_side(self.cfg),
                            self.cfg.speed.image_cache) if self.cfg.speed.image_cache != "none" else None
-        rate = self.train_loop(self.cfg, cache)
-        share = f"{100 * rate / ceiling:.0f}% of the steps-only rate" if ceiling else ""
-        self.add(Figure(section, f"config switches, {self.cfg.speed.image_cache} cache warm", rate, plain_rate,
-                        peak_gib(self.device), note=share))
+        stats = self.train_loop(self.cfg, cache)
+        share = f"; {100 * stats.images_per_s / ceiling:.0f}% of the steps-only rate" if ceiling else ""
+        cached = f"{self.cfg.speed.image_cache} cache warm" if cache else "no image cache"
+        self.add(Figure(section, f"config switches, {cached}", stats.images_per_s,
+                        plain_stats.images_per_s, peak_gib(self.device), note=waiting(stats) + share))
 
     def inference(self) -> None:
         section = "inference"

@@ -97,7 +97,7 @@ def command_run(args: argparse.Namespace, experiment: str | None = None) -> None
 
     name = experiment or args.experiment
     ctx = init_distributed()
-    if not ctx.enabled and (args.gpus or args.ddp > 1):
+    if not ctx.enabled and (args.gpus or args.ddp > 1 or args.nnodes > 1):
         launch_processes(args, name)
         return
     say = log if ctx.is_main else quiet
@@ -117,8 +117,9 @@ def command_run(args: argparse.Namespace, experiment: str | None = None) -> None
 
 def launch_processes(args: argparse.Namespace, name: str) -> None:
     """--gpus: one subprocess per fold, in parallel over the GPU slots, then the OOF and submission once every
-    fold is done. --ddp N alone: the whole experiment under torchrun with N processes. The data, the folds and
-    --restart are dealt with here, once, before any child starts."""
+    fold is done. --ddp N alone: the whole experiment under torchrun with N processes, on this machine or on each
+    of --nnodes machines. The data, the folds and --restart are dealt with here, once, before any child starts."""
+    import os
     import shutil
     import subprocess
 
@@ -131,25 +132,30 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from .parallel import Job, gpu_slots, python_launcher, run_jobs
     from .runtime import available_cores
 
+    nodes = nodes_from_args(args)
     cfg, profile = resolve_announced(name, args)
     data_root = resolve_data_root(args.data)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=log, style_transfer=cfg.data.style_transfer)
     outputs, out_dir = Path(args.outputs), Path(args.outputs) / name
-    if args.restart and out_dir.exists():
+    if args.restart and out_dir.exists() and not nodes.rank:
         shutil.rmtree(out_dir)
         log(f"--restart: removed {out_dir}")
     shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+    slots = gpu_slots(args.gpus, args.ddp, torch.cuda.device_count()) if args.gpus else []
+    # The children's torch threads: this machine's cores shared by its training processes (unless set already).
+    threads = max(1, available_cores() // (max(1, len(slots)) * args.ddp))
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     child = ["-m", "src.cli", "run", name, "--data", str(data_root), "--profile", profile or "none",
              "--outputs", str(outputs), "--submissions", str(args.submissions), *args.overrides]
-    launcher = python_launcher(args.ddp)
+    launcher = python_launcher(args.ddp, nodes, run_id=f"artist-{name}")
     if not args.gpus:
-        log(f"{name}: training with {args.ddp} processes (DDP through torchrun)")
-        code = subprocess.run([*launcher, *child], cwd=CHILD_CWD).returncode
+        where = f" on each of {nodes.count} machines (rendezvous {nodes.endpoint})" if nodes.count > 1 else ""
+        log(f"{name}: training with {args.ddp} processes{where} (DDP through torchrun)")
+        code = subprocess.run([*launcher, *child], cwd=CHILD_CWD, env={**os.environ, **env}).returncode
         if code:
             raise UserError(f"the {args.ddp}-process DDP run of {name} failed (exit {code}); its messages are above")
         return
 
-    slots = gpu_slots(args.gpus, args.ddp, torch.cuda.device_count())
     if torch.cuda.is_available() and cfg.train.num_workers is None:
         child.append(f"train.num_workers={max(1, available_cores() // (len(slots) * args.ddp) - 1)}")
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
@@ -159,7 +165,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
         + ("" if torch.cuda.is_available() else "; no CUDA device, so they share the CPU"))
     jobs = [Job(f"{name} fold {k}", [*launcher, *child, f"train.folds=[{k}]"], out_dir / "logs" / f"fold{k}.log")
             for k in todo]
-    failures = [result for result in run_jobs(jobs, slots, log) if result.failed]
+    failures = [result for result in run_jobs(jobs, slots, log, env=env) if result.failed]
     publish_only = cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": []})})
     run_experiment(publish_only, data, outputs, Path(args.submissions),
                    extra_info={"profile": profile, "overrides": list(args.overrides), "command": " ".join(sys.argv),
@@ -168,6 +174,28 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
         raise UserError(f"{len(failures)} of {len(jobs)} folds failed: "
                         + "; ".join(result.failure_line() for result in failures)
                         + "; fix the cause and rerun the same command (finished folds are kept)")
+
+
+def nodes_from_args(args: argparse.Namespace):
+    """--nnodes, --node-rank and --rdzv-endpoint, checked."""
+    from .parallel import Nodes
+
+    if args.nnodes < 1:
+        raise UserError(f"--nnodes {args.nnodes}: expected 1 or more machines")
+    if args.nnodes == 1:
+        return Nodes()
+    if not args.rdzv_endpoint:
+        raise UserError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine "
+                        "(e.g. the first node's host name and a free port such as 29500)")
+    if args.gpus:
+        raise UserError("--gpus runs folds in parallel on one machine; across machines use --ddp N with --nnodes "
+                        "(one fold trained by every machine's N processes)")
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--node-rank {args.node_rank}: expected 0 to {args.nnodes - 1} with --nnodes {args.nnodes}")
+    if args.restart and args.node_rank is None:
+        raise UserError("--restart with --nnodes needs --node-rank: only node 0 discards the outputs (shared by the "
+                        "machines), so name each machine's rank, e.g. --node-rank $SLURM_NODEID")
+    return Nodes(args.nnodes, args.rdzv_endpoint, args.node_rank)
 
 
 def expand_experiments(patterns: list[str], config_dir: Path) -> list[str]:
@@ -298,7 +326,6 @@ def command_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .bench import SECTIONS, run_bench
-    from .config import resolve_config
     from .data import load_competition_data
 
     overrides = list(args.overrides)
@@ -306,7 +333,8 @@ def command_bench(args: argparse.Namespace) -> None:
                        ("train.batch_size", args.batch), ("inference.batch_size", args.batch)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg, _ = resolve_config(args.experiment, None if args.profile == "none" else args.profile, overrides)
+    args.overrides = overrides
+    cfg, _ = resolve_announced(args.experiment, args)
     data = load_competition_data(resolve_data_root(args.data), log=log)
     on_gpu = torch.cuda.is_available()
     steps = args.steps if args.steps is not None else (30 if on_gpu else 3)
@@ -317,6 +345,22 @@ def command_bench(args: argparse.Namespace) -> None:
         raise UserError(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     path = run_bench(cfg, data, Path(args.outputs), args.images, steps, warmup, args.workers, sections, log)
     log(f"wrote {path}")
+
+
+def command_gpucheck(args: argparse.Namespace) -> None:
+    import torch
+
+    from .gpucheck import run_gpucheck
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log("gpucheck: no CUDA device here, so there is nothing to check; run it on a GPU machine "
+            "(--device cpu walks the same checks slowly on the CPU)")
+        return
+    data_root = resolve_data_root(args.data) if args.data else None
+    passed = run_gpucheck(data_root, Path(args.outputs), torch.device(args.device), list(args.overrides),
+                          args.steps, log)
+    if not passed:
+        raise UserError("gpucheck: a check failed (FAIL above); see outputs/gpucheck/report.md")
 
 
 def command_style(args: argparse.Namespace) -> None:
@@ -364,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "a GPU listed twice runs two folds at once")
         command.add_argument("--ddp", type=int, default=1, metavar="N",
                              help="train each fold with N processes (DDP through torchrun; with --gpus, N GPUs a fold)")
+        command.add_argument("--nnodes", type=int, default=1, metavar="M",
+                             help="machines that train each fold together, each running this command with --ddp N "
+                             "(outputs/ must be a folder all of them share)")
+        command.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                             help="with --nnodes: where the machines meet (torchrun's c10d rendezvous), e.g. the "
+                             "first node and port 29500; the same on every machine")
+        command.add_argument("--node-rank", type=int, metavar="R",
+                             help="with --nnodes: this machine's rank, 0 to M-1 (e.g. $SLURM_NODEID); node 0 handles "
+                             "--restart")
     score = sub.add_parser("score", help="ablation table from the OOF files (outputs/ablation.md and .csv)")
     score.add_argument("experiments", nargs="*", help="experiments to score (default: every one with an oof.csv)")
     score.add_argument("--detail", help="also write per-class F1 (CSV, PNG), the confusion matrix and the training "
@@ -428,10 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "machine, none on the CPU)")
     bench.add_argument("--sections", default="pipeline,steps,loop,inference",
                        help="which figures: pipeline, steps (model alone), loop (real images), inference")
-    bench.add_argument("--profile", default="none", help="profile to apply (default none: the config as it is)")
+    bench.add_argument("--profile", default="auto", help="profile to apply ('auto', the default: the CPU demo "
+                       "profile without CUDA, as every command; 'none': the config as it is)")
     bench.add_argument("--data", help="data root (default: inputs/, else the demo data)")
     bench.add_argument("--outputs", default=str(REPO / "outputs"))
     bench.set_defaults(handler=command_bench)
+    gpucheck = sub.add_parser("gpucheck", help="GPU acceptance: a short exp07 run at the real geometry that checks "
+                              "predictions, augmentation streams and precision on the device and measures images/s",
+                              epilog=epilog)
+    gpucheck.add_argument("--data", help="data root (default: demo paintings of 1,200-2,200 px made in "
+                          "OUTPUTS/gpucheck/data)")
+    gpucheck.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                          help="cpu: the same checks on the CPU (slow; pass a tiny geometry as key=value)")
+    gpucheck.add_argument("--steps", type=int, default=64, help="batches of the timed training epoch (the "
+                          "paintings repeat when there are fewer)")
+    gpucheck.add_argument("--outputs", default=str(REPO / "outputs"))
+    gpucheck.set_defaults(handler=command_gpucheck)
     return parser
 
 
@@ -449,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiments = [name for name in args.experiments if "=" not in name]
     args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in args.overrides]
-    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench", "fewshot")):
+    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench", "fewshot", "gpucheck")):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
         args.handler(args)

@@ -28,7 +28,7 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
                    "speed.persistent_workers", "speed.cache_dir")
 # Keys added after results existed, with the value at which they change nothing: at that value they stay out of
 # the fingerprint, so folds finished before the key existed remain valid.
-NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none"}
+NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True}
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
@@ -102,9 +102,15 @@ class TrainConfig(_Strict):
     batch_size: int = Field(..., ge=1)
     patience: int = Field(..., ge=0, description="epochs without a better val macro F1 before stopping; 0 = never")
     folds: Optional[list[int]] = Field(None, description="folds to train; null = all")
-    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader workers; null = one per core, up to 8")
-    amp: bool = Field(True, description="mixed precision on CUDA (ignored on the CPU)")
-    amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
+    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader workers per training process; null = "
+                                       "every core but one (shared by the processes) on a GPU machine, none on "
+                                       "the CPU")
+    amp: bool = Field(True, description="mixed precision (autocast)")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs of compute capability 8.0 and up, float16 with a gradient "
+        "scaler on older GPUs, float32 on the CPU; a dtype named here is used on any device, the CPU included")
+    sync_batchnorm: bool = Field(True, description="under DDP, BatchNorm statistics over the whole step's batch "
+                                 "(SyncBatchNorm) instead of each process's share")
     grad_clip_norm: Optional[float] = Field(None, gt=0)
     cutmix_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of batches mixed by CutMix")
     cutmix_alpha: float = Field(1.0, gt=0)

@@ -1,5 +1,5 @@
-"""The competition's files under a data root: loading with validation, label fixes, shared folds, and the
-torch Dataset that reads images.
+"""The competition's files under a data root: loading with validation, label fixes, shared folds, and image
+decoding.
 
 Every problem found on load stops with one line naming the file, the line and what to do. Line numbers
 are the CSV file's own (the header is line 1). README "Bad input and what you see" lists every case.
@@ -18,10 +18,7 @@ from typing import Callable, Optional
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, UnidentifiedImageError
-
-from torch.utils.data import DataLoader
 
 from .demo_data import DEMO_MARKER
 from .errors import UserError
@@ -339,32 +336,3 @@ def read_image(path: str, reduce: int = 1) -> np.ndarray:
         raise UserError(f"{path}: cannot decode the image (corrupt, truncated or unsupported); replace it or "
                         "remove its row")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-class ImageDataset:
-    """(image tensor, label) pairs; label is -1 where unknown (test). With an image cache (src/image_cache.py)
-    each image is decoded once, shrunk, and loaded from the cache afterwards."""
-
-    def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable, cache=None):
-        self.paths = list(paths)
-        self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
-        self.transform = transform
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        path = self.paths[index]
-        image = self.cache.load(path) if self.cache is not None else read_image(path)
-        return self.transform(image=image)["image"], self.labels[index]
-
-
-def make_loader(dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, train: bool,
-                seed: int = 0, sampler=None, pin_memory: bool = True, persistent_workers: bool = True) -> DataLoader:
-    """Training loaders shuffle (or draw from `sampler`) and drop the last incomplete batch; others keep order."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
-                      persistent_workers=persistent_workers and workers > 0,
-                      drop_last=train and len(dataset) > batch_size,
-                      generator=torch.Generator().manual_seed(seed) if train and sampler is None else None)

@@ -15,18 +15,19 @@ import pandas as pd
 import yaml
 
 from .config import ExperimentConfig, result_fingerprint, run_info
-from .data import CompetitionData, ImageDataset, make_loader, shared_folds
+from .data import CompetitionData, shared_folds
 from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
 from .errors import UserError
 from .features import FEATURE_DIR, FrozenFeatureFolds
 from .image_cache import cache_for
 from .inference import predict_probs, probs_frame
 from .io_utils import write_csv, write_yaml
+from .loader import ImageDataset
 from .metrics import scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
-from .runtime import select_device, worker_count
+from .runtime import precision_record, select_device, worker_count
 from .submission import submission_from_probs, write_submission
-from .train import DONE_FILE, train_fold
+from .train import DONE_FILE, eval_loader, prepare_model, train_fold, uses_channels_last
 from .transforms import build_eval_transform
 from .tta import with_tta
 
@@ -69,6 +70,7 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
     started = time.time()
     out_dir = outputs / cfg.name
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    device = device_for(ctx)
     if ctx.is_main:
         if restart and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -76,12 +78,12 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         write_yaml({**cfg.model_dump(mode="json"),
                     "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
                             "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
-                            "result_fingerprint": fingerprint, "processes": ctx.world_size}},
+                            "result_fingerprint": fingerprint, "processes": ctx.world_size,
+                            "precision": precision_record(cfg.train.amp, cfg.train.amp_dtype, device)}},
                    out_dir / "config.yaml")
         shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     barrier(ctx)
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
-    device = device_for(ctx)
     image_cache = cache_for(cfg, outputs)
     if cfg.frozen and ctx.enabled:
         raise UserError(f"{cfg.name} fits a classifier on frozen features in one process; run it without --ddp")
@@ -169,15 +171,16 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
         load_checkpoint(model, checkpoint, data.classes, cfg.model.backbone)
         model.to(device)
         mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
-        predictor = with_tta(model, mode)
+        _, eval_model = prepare_model(model, cfg, device, SINGLE_PROCESS)
+        predictor = with_tta(eval_model, mode)
         val_rows = data.train[(folds["fold"] == fold).to_numpy()]
         for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),
                                           (data.test, build_eval_transform(cfg, mean, std, test=True),
                                            "test_probs.csv")):
-            loader = make_loader(ImageDataset(rows["path"], None, transform, cache=image_cache),
-                                 cfg.inference.batch_size, workers, device, train=False)
+            loader = eval_loader(ImageDataset(rows["path"], None, transform, cache=image_cache), cfg, device,
+                                 workers, SINGLE_PROCESS)
             probs, _ = predict_probs(predictor, loader, device, cfg.train.amp, cfg.train.amp_dtype,
-                                     desc=f"{name} fold {fold}")
+                                     desc=f"{name} fold {fold}", channels_last=uses_channels_last(cfg, device))
             write_csv(probs_frame(rows["id"], probs, data.classes), out_dir / f"fold{fold}" / filename)
         log(f"{name} fold {fold}: predicted {len(val_rows)} validation and {len(data.test)} test images")
     write_yaml({"name": name, "parent": source, "description": f"{source} with {mode} TTA", "tta": mode,

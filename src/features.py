@@ -22,10 +22,11 @@ import pandas as pd
 import torch
 
 from .config import ExperimentConfig, FrozenConfig
-from .data import CompetitionData, ImageDataset, make_loader
+from .data import CompetitionData
 from .errors import UserError
 from .inference import predict_features, probs_frame
 from .io_utils import atomic_path, write_csv, write_json
+from .loader import ImageDataset, make_loader
 from .metrics import scores
 from .models import build_backbone, normalisation
 from .runtime import worker_count

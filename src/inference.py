@@ -28,16 +28,17 @@ def _outputs(model: nn.Module, loader, device: torch.device, amp: bool, amp_dtyp
 def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
                   criterion: nn.Module | None = None, desc: str = "predict",
                   channels_last: bool = False) -> tuple[np.ndarray, float | None]:
-    """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known)."""
-    probs, total_loss, seen = [], 0.0, 0
+    """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known). Both stay
+    on the device until the last batch, so the host does not wait for the GPU after every batch."""
+    probs, total_loss, seen = [], torch.zeros((), device=device), 0
     for logits, labels in _outputs(model, loader, device, amp, amp_dtype, desc, channels_last):
         if criterion is not None:
             labels = labels.to(device, non_blocking=True)
-            total_loss += criterion(logits, labels).item() * len(logits)
+            total_loss += criterion(logits, labels) * len(logits)
             seen += len(logits)
-        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
-    loss = total_loss / seen if criterion is not None and seen else None
-    return np.concatenate(probs), loss
+        probs.append(torch.softmax(logits, dim=1))
+    loss = float(total_loss) / seen if criterion is not None and seen else None
+    return torch.cat(probs).cpu().numpy(), loss
 
 
 def predict_features(backbone: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",

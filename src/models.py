@@ -148,6 +148,18 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def load_weights(model: nn.Module, state_dict: dict) -> None:
+    """load_state_dict, then drop what the model derived from its old weights.
+
+    timm's TinyViT (like LeViT and EfficientFormer) caches its attention biases in eval mode and rebuilds the cache
+    only when switched to training, so weights loaded into a model that has already predicted would be used with
+    the old biases. Switching to training and back clears every such cache."""
+    model.load_state_dict(state_dict)
+    training = model.training
+    model.train()
+    model.train(training)
+
+
 def load_checkpoint(model: ArtistClassifier, path: Path, classes: list[str], backbone: str) -> dict:
     """Load best.pt or last.pt after checking that it was trained with this backbone and these artists."""
     checkpoint = read_checkpoint(path)
@@ -155,5 +167,5 @@ def load_checkpoint(model: ArtistClassifier, path: Path, classes: list[str], bac
         raise UserError(f"{path}: trained with backbone '{checkpoint.get('backbone')}' and "
                         f"{len(checkpoint.get('classes') or [])} artists, not '{backbone}' and {len(classes)}; "
                         "use the checkpoint of this experiment and data or rerun with --restart")
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"])
     return checkpoint

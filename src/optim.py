@@ -71,10 +71,13 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
 
 
-def build_optimizer(cfg: OptimizerConfig, params) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """Adam and AdamW use their fused kernels on CUDA: one kernel for all parameters instead of several per
+    parameter."""
+    fused = device.type == "cuda"
     base, kwargs = {
-        "adam": (torch.optim.Adam, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)),
-        "adamw": (torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=cfg.weight_decay)),
+        "adam": (torch.optim.Adam, dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)),
+        "adamw": (torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)),
         "sgd": (torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)),
     }[cfg.name]
     if cfg.sam_rho is not None:

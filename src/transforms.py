@@ -2,10 +2,12 @@
 is an error instead of a silently ignored warning."""
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
 from .config import AugmentConfig, ExperimentConfig
@@ -71,14 +73,26 @@ SINGLE_AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
 }
 
 
+def reseed(transform: A.Compose, seed: int) -> None:
+    """Give every transform of the pipeline one shared random stream started from `seed`.
+
+    Compose(seed=...) and Compose.set_random_seed give each transform its own generator with the same seed
+    (albumentations 2.0.8), so transforms with equal probabilities draw equal numbers and fire together: with
+    seed set, Transpose, HorizontalFlip and VerticalFlip at p=0.5 are all applied or none is."""
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
 def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Compose:
-    """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded through Compose's own generator."""
+    """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded with one stream for all transforms.
+    Training loaders reseed it for every image (src/loader.py)."""
     aug = cfg.augment
     steps = _train_crop(aug, cfg.input.img_size)
     steps += strong_augmentations() if aug.strong else []
     steps += extra_colour_augmentations() if aug.extra_colour else []
     steps += [SINGLE_AUGMENTATIONS[aug.single]()] if aug.single != "none" else []
-    return A.Compose(steps + _to_tensor(mean, std), seed=seed, strict=True)
+    transform = A.Compose(steps + _to_tensor(mean, std), strict=True)
+    reseed(transform, seed)
+    return transform
 
 
 def build_eval_transform(cfg: ExperimentConfig, mean, std, test: bool = False) -> A.Compose:

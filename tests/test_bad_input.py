@@ -21,7 +21,7 @@ from src.data import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, load_competition_
 from src.errors import UserError
 from src.io_utils import save_torch
 from src.models import build_model, load_checkpoint
-from src.train import _train_one_epoch
+from src.train import Training, train_one_epoch
 
 from .conftest import TINY_RUN, load_error, rewrite, run_cli
 
@@ -102,6 +102,24 @@ def test_truncated_jpeg_stops_when_read(tmp_path):
     Image.open(path).close()  # the header is intact, so the load-time scan passes it
     with pytest.raises(UserError, match="cannot decode the image .corrupt, truncated or unsupported"):
         read_image(str(path))
+
+
+def test_truncated_jpeg_read_by_a_worker_stops_the_run_with_one_line_and_keeps_finished_folds(data_copy, tmp_path,
+                                                                                               capsys):
+    args = ["run", "exp00", "--data", data_copy, "--outputs", tmp_path / "outputs", "--submissions",
+            tmp_path / "submissions", *TINY_RUN, "train.num_workers=2"]
+    assert run_cli(*args, "train.folds=[0]") == 0
+    fold0 = pd.read_csv(next((tmp_path / "outputs" / "folds").glob("*.csv")), dtype={"id": str}).query("fold == 0")
+    image = data_copy / "train" / Path(pd.read_csv(data_copy / "train.csv", dtype=str).set_index("id")
+                                       .loc[fold0["id"].iloc[0], "img_path"]).name
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # fold 1 trains on it
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {image}: cannot decode the image (corrupt, truncated or unsupported); replace it or "
+                   "remove its row")
+    assert (tmp_path / "outputs" / "exp00" / "fold0" / "done.json").is_file()
+    assert not (tmp_path / "outputs" / "exp00" / "fold1" / "done.json").exists()
 
 
 def test_damaged_jpeg_data_decodes_with_libjpegs_warning(tmp_path, capfd):
@@ -300,17 +318,19 @@ def test_unreadable_checkpoint(tmp_path):
 
 
 def test_loss_that_is_not_finite_stops_training():
+    """The loop reads its losses once every CHECK_EVERY steps; the message still names the first bad step and the
+    learning rate that step used."""
     cfg, _ = resolve_config("exp00", "demo")
     model = tiny_model(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    images = torch.zeros(2, 3, 32, 32)
-    images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(UserError, match=r"exp00 fold 0 epoch 1: loss became nan at epoch 1 step 0 .*lower "
-                                        "optimizer.lr or check the data"):
-        _train_one_epoch(model, [(images, torch.tensor([0, 1]))], optimizer, scheduler,
-                         torch.amp.GradScaler("cuda", enabled=False), torch.nn.CrossEntropyLoss(), None, cfg,
-                         torch.device("cpu"), 1, desc="exp00 fold 0 epoch 1")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    batches = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(5)]
+    batches[3][0][0, 0, 0, 0] = float("nan")
+    run = Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
+                   scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(), None)
+    with pytest.raises(UserError, match=r"^exp00 fold 0 epoch 1: loss became nan at epoch 1 step 3 \(lr 2.50e-02\); "
+                                        "lower optimizer.lr or check the data$"):
+        train_one_epoch(run, 1, desc="exp00 fold 0 epoch 1")
 
 
 # --- the README table -------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch import nn
 from src.config import CONFIG_DIR
 from src.ensemble import ENSEMBLE_DIR, fit_weights, hard_vote, load_ensemble_config, soft_vote
 from src.errors import UserError
+from src.train import prepare_model
 from src.tta import with_tta
 
 from .conftest import run_cli
@@ -85,11 +86,15 @@ def test_rotating_tta_refuses_non_square_inputs():
 
 
 def test_tta_and_ensemble_commands_end_to_end(finished_run, tmp_path, monkeypatch):
-    from src import ensemble
+    from src import ensemble, experiment
 
     args = ["--data", finished_run["root"], "--outputs", finished_run["outputs"], "--submissions",
             finished_run["submissions"]]
+    prepared = []
+    monkeypatch.setattr(experiment, "prepare_model", lambda model, cfg, *rest: prepared.append(cfg.speed) or
+                        prepare_model(model, cfg, *rest))
     assert run_cli("tta", "exp00", "--mode", "hflip", *args) == 0
+    assert len(prepared) == 5, "each fold model goes through the training's speed switches"
     tta_dir = finished_run["outputs"] / "exp00-tta-hflip"
     oof = pd.read_csv(tta_dir / "oof.csv", dtype={"id": str})
     base = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})

@@ -6,10 +6,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from src.config import resolve_config
-from src.data import ImageDataset, read_image
+from src.data import read_image
 from src.image_cache import ImageCache, cache_for, needed_short_side, shrink
+from src.loader import ImageDataset, make_loader
 
 
 def write_image(path, height: int, width: int, seed: int = 0) -> str:
@@ -101,3 +103,22 @@ def test_a_dataset_gives_the_same_tensors_from_a_cold_and_a_warm_cache(tiny_root
         np.testing.assert_array_equal(a, b)
     assert cache_for(cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"image_cache": "none"})}),
                      tmp_path) is None
+
+
+def test_two_workers_filling_the_cache_at_once_give_what_no_workers_give_and_leave_no_temp_files(tiny_root, tmp_path):
+    paths = sorted(str(p) for p in (tiny_root / "train").iterdir())[:8] * 2  # each image missed by both workers
+
+    def resize(image):
+        return {"image": cv2.resize(image, (16, 16), interpolation=cv2.INTER_AREA)}
+
+    def images(workers: int, cache: ImageCache) -> torch.Tensor:
+        loader = make_loader(ImageDataset(paths, None, resize, cache=cache), 2, workers, torch.device("cpu"),
+                             train=False)
+        return torch.cat([batch for batch, _ in loader])
+
+    serial = images(0, ImageCache(tmp_path / "serial", short_side=32, fmt="jpg"))
+    cache = ImageCache(tmp_path / "parallel", short_side=32, fmt="jpg")
+    cold, warm = images(2, cache), images(2, cache)
+    assert torch.equal(cold, serial) and torch.equal(warm, serial)
+    entries = [p for p in (tmp_path / "parallel").rglob("*") if p.is_file()]
+    assert len(entries) == 8 and not [p for p in entries if p.name.endswith(".tmp")]

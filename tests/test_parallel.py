@@ -1,17 +1,35 @@
-"""Several processes from one command: the fold scheduler, --gpus and the 2-process gloo DDP run on the CPU."""
+"""Several processes from one command: the fold scheduler and --gpus, DDP on the CPU (gloo: the gathered rows,
+SyncBatchNorm, two nodes joined over localhost), and the bench."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import WeightedRandomSampler
 
+from src.config import ModelConfig, resolve_config
 from src.data import load_competition_data
+from src.distributed import SINGLE_PROCESS, DistContext, GlooSyncBatchNorm, convert_sync_batchnorm
 from src.errors import UserError
+from src.gpucheck import Predictor, fresh_model
+from src.losses import FocalLoss
+from src.models import build_model
 from src.parallel import Job, gpu_slots, run_jobs
 from src.submission import validate_submission
+from src.train import build_training, sync_for, train_one_epoch
 
 from .conftest import TINY_RUN, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 FOLD_FILES = ("best.pt", "last.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json")
 
@@ -37,6 +55,15 @@ def test_a_failing_job_is_reported_with_its_log_and_the_others_finish(tmp_path):
     assert {r.slot for r in results} == {"4", "7"}
 
 
+def test_two_slots_of_one_gpu_run_their_jobs_at_the_same_time(tmp_path):
+    code = "import time; print(time.time()); time.sleep(1.0); print(time.time())"
+    results = run_jobs([python_job(tmp_path, f"job{i}", code) for i in range(2)], ["0", "0"], log=lambda _: None,
+                       poll_seconds=0.02)
+    spans = [[float(t) for t in r.job.log_path.read_text().split()] for r in results]
+    assert all(r.slot == "0" and not r.failed for r in results)
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+
+
 def test_a_slot_runs_one_job_at_a_time(tmp_path):
     marker = tmp_path / "running"
     code = (f"import os, sys, time; p = {str(marker)!r} + os.environ['CUDA_VISIBLE_DEVICES']; "
@@ -44,6 +71,17 @@ def test_a_slot_runs_one_job_at_a_time(tmp_path):
     results = run_jobs([python_job(tmp_path, f"job{i}", code) for i in range(4)], ["0"], log=lambda _: None,
                        poll_seconds=0.02)
     assert [r.returncode for r in results] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--gpus", "0,1"], "--gpus runs folds in parallel on one machine"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--restart"], "--restart with --nnodes needs --node-rank"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--node-rank", "2"], "--node-rank 2: expected 0 to 1"),
+])
+def test_multi_node_flags_are_checked_before_anything_starts(flags, message, tmp_path, capsys):
+    assert run_cli("run", "exp00", "--outputs", tmp_path, *flags) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_gpu_slots():
@@ -57,9 +95,9 @@ def test_gpu_slots():
             gpu_slots(spec, per_slot, count)
 
 
-def assert_complete_experiment(root, outputs, submissions):
+def assert_complete_experiment(root, outputs, submissions, folds: int):
     data = load_competition_data(root, log=lambda _: None)
-    for fold in range(5):
+    for fold in range(folds):
         for name in FOLD_FILES:
             assert (outputs / "exp00" / f"fold{fold}" / name).is_file(), f"fold{fold}/{name} missing"
     oof = pd.read_csv(outputs / "exp00" / "oof.csv", dtype={"id": str})
@@ -68,45 +106,158 @@ def assert_complete_experiment(root, outputs, submissions):
                         data.classes)
 
 
-def test_two_process_gloo_ddp_run_writes_the_same_files_with_each_id_once(tiny_root, tmp_path, capfd):
-    outputs, submissions = tmp_path / "outputs", tmp_path / "submissions"
-    assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
-                   "--ddp", "2", *TINY_RUN) == 0
-    assert_complete_experiment(tiny_root, outputs, submissions)
-    for fold in range(5):
-        val = pd.read_csv(outputs / "exp00" / f"fold{fold}" / "val_probs.csv", dtype={"id": str})
-        assert val["id"].is_unique
-    assert "x 2 processes (DDP)" in capfd.readouterr().out
+def run_nodes(root, work: Path, *launch: list[str], env: dict) -> list[subprocess.Popen]:
+    """`run exp00` of fold 0 from a launcher process per node, started at once."""
+    args = [sys.executable, "-m", "src.cli", "run", "exp00", "--data", str(root), "--outputs", str(work / "outputs"),
+            "--submissions", str(work / "submissions"), *TINY_RUN, "train.folds=[0]"]
+    return [subprocess.Popen([*args, *node], cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for node in launch]
+
+
+def finished(processes: list[subprocess.Popen]) -> str:
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert all(process.returncode == 0 for process in processes), outputs
+    return outputs[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_root, tmp_path, capfd):
+    """--ddp 2 (gloo): each rank predicts its shard, the gathered rows are in id order and equal what one process
+    predicts from best.pt; two "nodes" joined over localhost (c10d rendezvous, one process each and one thread
+    each, as --ddp 2 gives on 2 cores) write the same files, bit for bit."""
+    assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path / "ddp" / "outputs", "--submissions",
+                   tmp_path / "ddp" / "submissions", *TINY_RUN, "train.folds=[0]", "--ddp", "2") == 0
+    assert "x 2 processes (DDP, SyncBatchNorm)" in capfd.readouterr().out
+    port = free_port()
+    nodes = [["--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"localhost:{port}"] for rank in (0, 1)]
+    assert "on each of 2 machines" in finished(run_nodes(tiny_root, tmp_path / "nodes", *nodes,
+                                                         env={"OMP_NUM_THREADS": "1"}))
+
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    cfg, _ = resolve_config("exp00", "demo", [*TINY_RUN[2:], "model.pretrained=false"])
+    fold_dir = tmp_path / "ddp" / "outputs" / "exp00" / "fold0"
+    folds = pd.read_csv(next((tmp_path / "ddp" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
+    val_rows = data.train[(folds["fold"] == 0).to_numpy()]
+    for name in ("val_probs.csv", "test_probs.csv"):
+        gathered = pd.read_csv(fold_dir / name, dtype={"id": str})
+        rows = val_rows if name == "val_probs.csv" else data.test
+        assert gathered["id"].tolist() == rows["id"].tolist()
+        one_process = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
+                                torch.device("cpu"), tmp_path)(rows, test=name == "test_probs.csv")
+        np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process, atol=1e-6)
+    node_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
+    assert sorted(p.name for p in node_dir.iterdir()) == sorted(FOLD_FILES)
+    for name in ("val_probs.csv", "test_probs.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(node_dir / name), pd.read_csv(fold_dir / name), check_exact=True)
+
+
+def _sync_batchnorm_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks: its half of a batch through a converted BatchNorm, forward and backward."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    x, weights, bn = _sync_batchnorm_case()
+    synced = convert_sync_batchnorm(nn.Sequential(bn), torch.device("cpu")).train()
+    assert isinstance(synced[0], GlooSyncBatchNorm)
+    half = x[4 * rank:4 * (rank + 1)].clone().requires_grad_()
+    out = synced(half)
+    (out * weights[4 * rank:4 * (rank + 1)]).sum().backward()
+    torch.save({"out": out.detach(), "grad": half.grad, "weight_grad": bn.weight.grad, "bias_grad": bn.bias.grad,
+                "running_mean": bn.running_mean, "running_var": bn.running_var}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _sync_batchnorm_case():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, 5, generator=generator) * 3 + 1
+    weights = torch.randn(8, 3, 4, 5, generator=generator)
+    bn = nn.BatchNorm2d(3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return x, weights, bn
+
+
+def test_gloo_sync_batchnorm_equals_one_batchnorm_over_the_whole_batch(tmp_path):
+    torch.multiprocessing.spawn(_sync_batchnorm_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    x, weights, bn = _sync_batchnorm_case()
+    x.requires_grad_()
+    out = bn.train()(x)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad, atol=1e-5, rtol=1e-5)
+    for name, expected in (("weight_grad", bn.weight.grad), ("bias_grad", bn.bias.grad)):
+        torch.testing.assert_close(ranks[0][name] + ranks[1][name], expected, atol=1e-4, rtol=1e-5)
+    for name in ("running_mean", "running_var"):
+        for rank in ranks:
+            torch.testing.assert_close(rank[name], getattr(bn, name), atol=1e-6, rtol=1e-6)
+
+
+def test_sync_batchnorm_conversion_keeps_every_layer_and_timms_activations():
+    model = build_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained=False), 4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    keys = list(model.state_dict())
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert sum(isinstance(m, GlooSyncBatchNorm) for m in converted.modules()) == norms > 10
+    assert list(converted.state_dict()) == keys
+    torch.testing.assert_close(converted(x), before)
+
+
+def test_sync_batchnorm_follows_the_switch(tiny_root):
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    two_ranks = DistContext(rank=0, world_size=2, local_rank=0, local_world_size=2)
+    for switch, expected in (("true", True), ("false", False)):
+        cfg, _ = resolve_config("exp00", "demo", ["input.img_size=32", f"train.sync_batchnorm={switch}"])
+        for ctx, converted in ((two_ranks, expected), (SINGLE_PROCESS, False)):
+            model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
+            assert any(isinstance(m, GlooSyncBatchNorm) for m in sync_for(model, cfg, ctx).modules()) == converted
 
 
 def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, tmp_path, capsys):
     outputs, submissions = tmp_path / "outputs", tmp_path / "submissions"
     args = ["run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
-            "--gpus", "0,0", *TINY_RUN]
-    broken = outputs / "exp00" / "fold3" / "last.pt"
+            "--gpus", "0,0", *TINY_RUN, "data.n_folds=3"]
+    broken = outputs / "exp00" / "fold1" / "last.pt"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"truncated")
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
-    assert "1 of 5 folds failed: exp00 fold 3 failed (exit 2)" in err and "not a readable checkpoint" in err
-    assert str(outputs / "exp00" / "logs" / "fold3.log") in err
-    assert all((outputs / "exp00" / f"fold{k}" / "done.json").is_file() for k in (0, 1, 2, 4))
+    assert "1 of 3 folds failed: exp00 fold 1 failed (exit 2)" in err and "not a readable checkpoint" in err
+    assert str(outputs / "exp00" / "logs" / "fold1.log") in err
+    assert all((outputs / "exp00" / f"fold{k}" / "done.json").is_file() for k in (0, 2))
     assert not (outputs / "exp00" / "oof.csv").exists()
 
     broken.unlink()
     assert run_cli(*args) == 0
     out = capsys.readouterr().out
-    assert "1 folds to train" in out and "exp00 fold 3: started" in out
-    assert_complete_experiment(tiny_root, outputs, submissions)
+    assert "1 folds to train" in out and "exp00 fold 1: started" in out
+    assert_complete_experiment(tiny_root, outputs, submissions, folds=3)
 
 
-def test_bench_runs_every_section_and_writes_its_table(tiny_root, tmp_path, capsys):
-    assert run_cli("bench", "--data", tiny_root, "--outputs", tmp_path, "--backbone", "tf_efficientnet_lite0",
-                   "--img-size", "32", "--batch", "4", "--images", "8", "--steps", "1", "--warmup", "0",
-                   "--workers", "0") == 0
+def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_path, capsys, monkeypatch):
+    from src import bench
+
+    built, epochs = [], []
+    monkeypatch.setattr(bench, "build_training", lambda *a, **k: built.append(build_training(*a, **k)) or built[-1])
+    monkeypatch.setattr(bench, "train_one_epoch", lambda run, epoch, desc: epochs.append(run) or
+                        train_one_epoch(run, epoch, desc))
+    assert run_cli("bench", "--experiment", "exp11", "--data", tiny_root, "--outputs", tmp_path, "--img-size", "32",
+                   "--batch", "4", "--images", "8", "--steps", "1", "--warmup", "0", "--workers", "0") == 0
+    assert "using the 'demo' profile" in capsys.readouterr().out  # no CUDA: the CPU demo profile, as everywhere
     table = (tmp_path / "bench" / "tf_efficientnet_lite0-32-b4.md").read_text()
     for setting in ("decode every image, 0 workers (plain)", "jpg cache, warm", "npy cache, warm",
                     "plain: fp32, NCHW, eager", "plain: fp32, decode every image", "TTA d4"):
         row = next(line for line in table.splitlines() if f"| {setting} |" in line)
         assert float(row.split("|")[3].replace(",", "")) > 0, row
+    loop = next(line for line in table.splitlines() if "| config switches," in line)
+    assert "input pipeline:" in loop and "of the steps-only rate" in loop
+    assert len(epochs) == 4 and all(run in built for run in epochs)  # warm-up and timed epoch, plain and switches
+    assert all(run.cutmix is not None and isinstance(run.loader.sampler.order, WeightedRandomSampler)
+               and isinstance(run.criterion, FocalLoss) for run in epochs)
     assert "machine:" in table and not list(tmp_path.glob("bench-cache-*"))

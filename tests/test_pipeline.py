@@ -21,7 +21,7 @@ def test_every_fold_writes_its_files(finished_run):
             assert (fold_dir / name).is_file(), f"{fold_dir / name} missing"
         history = pd.read_csv(fold_dir / "history.csv")
         assert list(history.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
-                                         "seconds"]
+                                         "seconds", "train_images_per_s", "data_wait_share"]
         assert history["epoch"].tolist() == [1]
 
 

@@ -18,7 +18,7 @@ from src.losses import FocalLoss, build_loss
 from src.optim import SAM, build_scheduler, warm_restart_lr
 from src.sampler import build_sampler
 from src.train import build_cutmix
-from src.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform
+from src.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform, reseed
 
 PEAK, FLOOR, GAMMA = 1e-3, 5e-6, 0.7
 
@@ -204,6 +204,23 @@ def test_augmentation_study_has_one_config_per_preset_and_each_preset_changes_im
     grey.transforms[0].p = 1.0
     out = grey(image=image)["image"]
     assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_every_transform_of_a_training_pipeline_draws_from_one_shared_stream():
+    """Compose(seed=...) seeds each transform's own generator alike (albumentations 2.0.8), so two flips at p=0.5
+    would always fire together; reseed() shares one stream, and the four outcomes come out a quarter each."""
+    cfg, _ = resolve_config("exp02", "demo")
+    pipeline = build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0)
+    assert all(t.py_random is pipeline.py_random and t.random_generator is pipeline.random_generator
+               for t in pipeline.transforms)
+    flips = A.Compose([A.HorizontalFlip(p=0.5, strict=True), A.VerticalFlip(p=0.5, strict=True)], strict=True)
+    image = np.arange(4, dtype=np.uint8).reshape(2, 2, 1)
+    outcomes = []
+    for seed in range(400):
+        reseed(flips, seed)
+        outcomes.append(flips(image=image)["image"].tobytes())
+    shares = np.unique(outcomes, return_counts=True)[1] / len(outcomes)
+    assert len(shares) == 4 and np.all(np.abs(shares - 0.25) < 0.06), shares
 
 
 def test_strict_checking_rejects_removed_arguments():
