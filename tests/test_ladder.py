@@ -1,16 +1,24 @@
-"""Every rung of the ladder runs end to end in the CPU demo profile and writes exp00's outputs."""
+"""Every rung of the ladder builds its techniques; the style-transfer rung runs end to end over 5 folds in the CPU
+demo profile; the ladder command runs rungs in turn."""
 from __future__ import annotations
 
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
-import yaml
+import torch
+from torch import nn
+from torch.utils.data import RandomSampler
 
-from src.config import CONFIG_DIR
-from src.data import STYLE_CSV, style_images_for_fold
+from src.config import CONFIG_DIR, resolve_config
+from src.data import STYLE_CSV, load_competition_data, style_images_for_fold
 from src.errors import UserError
+from src.losses import FocalLoss
+from src.optim import SAM
+from src.sampler import image_weights
+from src.train import build_training
 
 from .conftest import TINY_RUN, run_cli
 
@@ -25,8 +33,85 @@ def root_with_style_images(tiny_root, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", LADDER[1:])
-def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path, capsys):
+# What each rung adds, cumulatively along its parent chain: (technique, value) pairs checked on the objects the
+# trainer builds from the resolved config.
+TECHNIQUES = {
+    "exp00": {},
+    "exp01": {"head": "mlp"},
+    "exp02": {"crop": "random", "strong": True},
+    "exp03": {"schedule": "warm_restarts"},
+    "exp04": {"backbone": "tiny_vit_21m_384.dist_in22k_ft_in1k"},
+    "exp05": {"optimizer": torch.optim.AdamW},
+    "exp06": {"cutmix": 0.5},
+    "exp07": {"loss": FocalLoss},
+    "exp08": {"sampler": "inverse_log_count"},
+    "exp09": {"style": True},
+    "exp10": {"sam": 0.05},
+    "exp11": {"sampler": "inverse_log_count", "loss": FocalLoss, "cutmix": 0.5},
+    "exp12": {"style": True},
+    "exp13": {"extra_colour": True},
+    "exp14": {"sampler": "inverse_log_count", "loss": FocalLoss, "style": True},
+    "exp15": {"sampler": "inverse_log_count", "loss": FocalLoss, "extra_colour": True},
+    "exp16": {"crop": "mimic"},
+}
+BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",
+            "optimizer": torch.optim.Adam, "cutmix": None, "loss": nn.CrossEntropyLoss, "sampler": "none",
+            "style": False, "sam": None, "extra_colour": False}
+
+
+def expected_techniques(name: str) -> dict:
+    chain = [name]
+    while (parent := resolve_config(chain[-1])[0].parent) is not None:
+        chain.append(parent)
+    expected = dict(BASELINE)
+    for rung in reversed(chain):
+        expected.update(TECHNIQUES[rung])
+    return expected
+
+
+def transform_names(run) -> list[str]:
+    return [type(t).__name__ for t in run.loader.dataset.transform.transforms]
+
+
+@pytest.mark.parametrize("name", LADDER)
+def test_rung_builds_its_techniques(name, tiny_root):
+    """Each rung's technique is in the model, loss, sampler, optimiser, schedule, CutMix and transforms that the
+    trainer builds from its resolved config (demo profile: the published backbone is checked on the config)."""
+    assert sorted(TECHNIQUES) == LADDER
+    expected = expected_techniques(name)
+    assert resolve_config(name)[0].model.backbone == expected["backbone"]
+    cfg, _ = resolve_config(name, "demo", ["input.img_size=32", "train.batch_size=4", "model.pretrained=false"])
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    run = build_training(cfg, data.train, len(data.classes), torch.device("cpu"))
+
+    assert isinstance(run.model.head[0], nn.LayerNorm) == (expected["head"] == "mlp")
+    names = transform_names(run)
+    assert {"none": "Resize", "random": "RandomCrop", "mimic": "SmallestMaxSize"}[expected["crop"]] in names
+    assert ("CoarseDropout" in names) == expected["strong"] and ("RandomGamma" in names) == expected["extra_colour"]
+    assert isinstance(run.criterion, expected["loss"])
+    order = run.loader.sampler.order
+    if expected["sampler"] == "none":
+        assert isinstance(order, RandomSampler)
+    else:
+        np.testing.assert_allclose(order.weights.numpy(), image_weights(data.train["label"], expected["sampler"]))
+    base = run.optimizer.base_optimizer if isinstance(run.optimizer, SAM) else run.optimizer
+    assert type(base) is expected["optimizer"]
+    assert (run.optimizer.rho if isinstance(run.optimizer, SAM) else None) == expected["sam"]
+    assert (run.cutmix.mix_prob if run.cutmix else None) == expected["cutmix"]
+    assert cfg.data.style_transfer == expected["style"]
+    lr = [run.scheduler.lr_lambdas[0](step) for step in range(3 * len(run.loader) * 2)]
+    if expected["schedule"] == "constant":
+        assert set(lr) == {1.0}
+    else:  # the demo profile's 2-epoch cycles restart twice within these 6 epochs, from the floor each time
+        cycle = 2 * len(run.loader)
+        restarts = [step for step in range(1, len(lr)) if lr[step] < lr[step - 1] and lr[step] == lr[0]]
+        assert restarts == [cycle, 2 * cycle] and lr[0] == pytest.approx(cfg.scheduler.min_lr / cfg.optimizer.lr)
+
+
+def test_style_rung_end_to_end(root_with_style_images, tmp_path, capsys):
+    """exp12 (sampler, focal, CutMix, style transfer) over all 5 folds: the OOF and the submission, and the fold
+    rule for generated images."""
+    name = "exp12"
     code = run_cli("run", name, "--data", root_with_style_images, "--outputs", tmp_path / "outputs",
                    "--submissions", tmp_path / "submissions", *TINY_RUN)
     assert code == 0
@@ -35,21 +120,25 @@ def test_rung_runs_end_to_end(name, root_with_style_images, tmp_path, capsys):
     train = pd.read_csv(root_with_style_images / "train.csv", dtype={"id": str})
     assert sorted(oof["id"]) == sorted(train["id"])  # generated images never reach the OOF
     assert (out / "test_probs.csv").is_file() and (tmp_path / "submissions" / f"{name}.csv").is_file()
-    assert all((out / f"fold{k}" / "history.csv").is_file() for k in range(5))
     # fold k trains on the other folds' paintings plus the generated images neither of whose sources it validates
-    uses_style = yaml.safe_load((out / "config.yaml").read_text())["data"]["style_transfer"]
     style = pd.read_csv(root_with_style_images / STYLE_CSV, dtype=str)
     folds = pd.read_csv(next((tmp_path / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
     logged = dict(re.findall(rf"{name} fold (\d): (\d+) train / \d+ val images", capsys.readouterr().out))
     dropped = 0
     for k in range(5):
         val_ids = set(folds.loc[folds["fold"] == k, "id"])
-        kept = style_images_for_fold(style, val_ids) if uses_style else style.iloc[:0]
+        kept = style_images_for_fold(style, val_ids)
         assert int(logged[str(k)]) == len(train) - len(val_ids) + len(kept)
         assert not (set(kept["style_source_id"]) | set(kept["content_source_id"])) & val_ids
         dropped += len(style) - len(kept)
-    if uses_style:
-        assert dropped >= len(style)  # each image's style source is validated by some fold, which must skip it
+    assert dropped >= len(style)  # each image's style source is validated by some fold, which must skip it
+
+
+def test_sam_rung_trains_a_fold(tiny_root, tmp_path):
+    """SAM takes its own path through the loop (a closure, two forward-backward passes a step)."""
+    assert run_cli("run", "exp10", "--data", tiny_root, "--outputs", tmp_path / "outputs", "--submissions",
+                   tmp_path / "submissions", *TINY_RUN, "train.folds=[0]") == 0
+    assert (tmp_path / "outputs" / "exp10" / "fold0" / "done.json").is_file()
 
 
 def test_style_rung_without_images_stops_with_instructions(tiny_root, tmp_path, capsys):
