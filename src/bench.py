@@ -115,8 +115,7 @@ class Bench:
                  workers: Optional[int], log: Callable[[str], None], device: Optional[torch.device] = None):
         self.cfg, self.data, self.steps, self.warmup, self.log = cfg, data, steps, warmup, log
         self.device = device or select_device()
-        default_workers = worker_count(None, self.device) if self.device.type == "cuda" else available_cores()
-        self.workers = workers if workers is not None else default_workers
+        self.workers = worker_count(workers, self.device)
         self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": self.workers})})
         self.rows = data.train.iloc[np.arange(n_images) % len(data.train)]  # repeated when the data has fewer
         self.paths, self.labels = self.rows["path"].tolist(), self.rows["label"].tolist()

@@ -128,14 +128,16 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from .config import result_fingerprint
     from .data import load_competition_data, shared_folds
     from .experiment import fold_status, run_experiment
+    from .geometry import resolved
     from .parallel import REPO as CHILD_CWD
     from .parallel import Job, gpu_slots, python_launcher, run_jobs
-    from .runtime import available_cores
+    from .runtime import available_cores, worker_count
 
     nodes = nodes_from_args(args)
     cfg, profile = resolve_announced(name, args)
     data_root = resolve_data_root(args.data)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=log, style_transfer=cfg.data.style_transfer)
+    cfg = resolved(cfg, data)
     outputs, out_dir = Path(args.outputs), Path(args.outputs) / name
     if args.restart and out_dir.exists() and not nodes.rank:
         shutil.rmtree(out_dir)
@@ -157,7 +159,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
         return
 
     if torch.cuda.is_available() and cfg.train.num_workers is None:
-        child.append(f"train.num_workers={max(1, available_cores() // (len(slots) * args.ddp) - 1)}")
+        child.append(f"train.num_workers={worker_count(None, torch.device('cuda'), len(slots) * args.ddp)}")
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
     folds = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.data.n_folds))
     todo = [k for k in folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
@@ -245,6 +247,7 @@ def command_ensemble(args: argparse.Namespace) -> None:
     from .ensemble import build_ensemble, load_ensemble_config
     from .experiment import publish
     from .io_utils import write_yaml
+    from .score import read_run_config
 
     started = time.time()
     cfg = load_ensemble_config(args.name)
@@ -256,6 +259,7 @@ def command_ensemble(args: argparse.Namespace) -> None:
                         "pass the members' data root with --data")
     out_dir = outputs / args.name
     write_yaml({"name": args.name, "parent": cfg.members[0], **cfg.model_dump(mode="json"), "fitted": fitted,
+                "validation": read_run_config(outputs / cfg.members[0]).get("validation"),
                 "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
                out_dir / "config.yaml")
     if fitted:
@@ -327,6 +331,7 @@ def command_bench(args: argparse.Namespace) -> None:
 
     from .bench import SECTIONS, run_bench
     from .data import load_competition_data
+    from .geometry import resolved
 
     overrides = list(args.overrides)
     for key, value in (("model.backbone", args.backbone), ("input.img_size", args.img_size),
@@ -336,6 +341,7 @@ def command_bench(args: argparse.Namespace) -> None:
     args.overrides = overrides
     cfg, _ = resolve_announced(args.experiment, args)
     data = load_competition_data(resolve_data_root(args.data), log=log)
+    cfg = resolved(cfg, data)
     on_gpu = torch.cuda.is_available()
     steps = args.steps if args.steps is not None else (30 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)

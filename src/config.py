@@ -13,10 +13,10 @@ import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -28,7 +28,11 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
                    "speed.persistent_workers", "speed.cache_dir")
 # Keys added after results existed, with the value at which they change nothing: at that value they stay out of
 # the fingerprint, so folds finished before the key existed remain valid.
-NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True}
+NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
+                  "validation.mode": "whole", "augment.hflip": False, "train.ema_decay": None,
+                  "scheduler.fit_cycles": False}
+# Keys that only matter when another key has a value: (key prefix, the key it depends on, the value it needs).
+DEPENDENT_KEYS = (("validation.", "validation.mode", "crops"), ("augment.rrc_", "augment.crop", "rrc"))
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
@@ -61,17 +65,59 @@ class InputConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    crop: Literal["none", "random", "mimic"] = Field(
+    crop: Literal["none", "random", "mimic", "rrc"] = Field(
         "none", description="none: resize the whole image to the input size; random: resize to resize_scale x "
         "size then random crop; mimic: short side to mimic_scale x size then random crop of about a quarter of "
-        "the area, like the test crops (validation takes the centre crop of the same geometry)")
+        "the area, like the test crops (validation takes the centre crop of the same geometry); rrc: "
+        "RandomResizedCrop of rrc_scale of the area and rrc_ratio aspect, resized to the input size")
     resize_scale: float = Field(2.0, ge=1.0)
-    mimic_scale: float = Field(800 / 384, ge=1.0)
+    mimic_scale: Union[Literal["auto"], float] = Field(
+        800 / 384, description="auto: measured from the data, so the crop spans the test images' share of a "
+        "painting's side (src/geometry.py)")
+    rrc_scale: tuple[float, float] = Field((0.25, 1.0), description="area share range of crop=rrc")
+    rrc_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect range of crop=rrc")
+    hflip: bool = Field(False, description="horizontal flip with probability 0.5 (the strong set has it already)")
     strong: bool = Field(False, description="the published set: transpose, flips, affine, hue/saturation, "
                          "brightness/contrast, channel shuffle, coarse dropout")
     extra_colour: bool = Field(False, description="colour jitter, gamma and greyscale on top")
     single: Literal["none", "blur", "brightness", "exposure", "grayscale", "hue", "noise", "saturation"] = Field(
         "none", description="one image-level augmentation added alone (the augmentation study, configs/aug_*.yaml)")
+
+    @field_validator("mimic_scale")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value != "auto" and value < 1.0:
+            raise ValueError("mimic_scale must be 'auto' or at least 1.0")
+        return value
+
+    @field_validator("rrc_scale", "rrc_ratio")
+    @classmethod
+    def _ordered_range(cls, value):
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("a range (low, high) needs 0 < low <= high")
+        return value
+
+
+class ValidationConfig(_Strict):
+    """What a fold validates on: the whole paintings, or crops at the test images' geometry (the test set is crops
+    of about a quarter of a painting). Best epoch, early stopping, the OOF, the ablation table and fitted ensemble
+    weights all follow the chosen mode."""
+    mode: Literal["whole", "crops"] = Field(
+        "whole", description="whole: each validation painting resized whole; crops: crops_per_image seeded crops of "
+        "each, resized like the test crops, scored crop by crop (the painting-level mean is reported beside)")
+    crops_per_image: int = Field(4, ge=1)
+    crop_area: Union[Literal["auto"], tuple[float, float]] = Field(
+        "auto", description="share of a painting's area a crop covers, drawn log-uniformly from (low, high); auto: "
+        "the quartiles measured from the train and test image sizes (src/geometry.py)")
+    seed: int = Field(0, description="the crops depend only on this seed and the image id, so every experiment "
+                      "validates on the same crops")
+
+    @field_validator("crop_area")
+    @classmethod
+    def _shares(cls, value):
+        if value != "auto" and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("crop_area must be 'auto' or (low, high) with 0 < low <= high <= 1")
+        return value
 
 
 class OptimizerConfig(_Strict):
@@ -83,12 +129,16 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    name: Literal["constant", "cosine_warm_restarts"] = "constant"
+    name: Literal["constant", "cosine_warm_restarts", "cosine"] = Field(
+        "constant", description="cosine: one cycle over the whole budget (warm-up, then peak down to min_lr at the "
+        "last step); cosine_warm_restarts: cycles of cycle_epochs")
     cycle_epochs: float = Field(5, gt=0, description="length of the first cosine cycle")
     cycle_mult: float = Field(1.0, ge=1.0, description="each cycle is this many times longer than the last")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up iterations at the start of every cycle")
     gamma: float = Field(0.7, gt=0, le=1.0, description="peak lr multiplier at each restart")
     min_lr: float = Field(5e-6, ge=0)
+    fit_cycles: bool = Field(False, description="stretch or shrink the cycles so that a whole number of them fills "
+                             "train.epochs and the schedule ends at its floor on the last step")
 
 
 class LossConfig(_Strict):
@@ -109,6 +159,9 @@ class TrainConfig(_Strict):
     amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on GPUs of compute capability 8.0 and up, float16 with a gradient "
         "scaler on older GPUs, float32 on the CPU; a dtype named here is used on any device, the CPU included")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                       "weights (timm's ModelEmaV3, with warm-up) that validates and predicts; "
+                                       "null: off")
     sync_batchnorm: bool = Field(True, description="under DDP, BatchNorm statistics over the whole step's batch "
                                  "(SyncBatchNorm) instead of each process's share")
     grad_clip_norm: Optional[float] = Field(None, gt=0)
@@ -159,6 +212,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig
     input: InputConfig
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     optimizer: OptimizerConfig
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -288,8 +342,11 @@ def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional
 def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
     """Hash of every setting that changes what a fold learns, plus the data: a finished fold is reused
     only while this matches."""
-    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
-            if k not in NON_RESULT_KEYS and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
+    everything = flatten(cfg.model_dump(mode="json"))
+    unused = {key for key in everything for prefix, switch, value in DEPENDENT_KEYS
+              if key.startswith(prefix) and key != switch and everything[switch] != value}
+    flat = {k: v for k, v in everything.items() if k not in NON_RESULT_KEYS and k not in unused
+            and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
     payload = json.dumps({"config": flat, "data": data_fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

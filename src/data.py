@@ -42,8 +42,8 @@ RESTORE = "restore the file or remove the row"
 @dataclass
 class CompetitionData:
     root: Path
-    train: pd.DataFrame  # id, img_path, artist, path (absolute), label (class index)
-    test: pd.DataFrame  # id, img_path, path
+    train: pd.DataFrame  # id, img_path, artist, path (absolute), width, height (from the header), label (class index)
+    test: pd.DataFrame  # id, img_path, path, width, height
     sample_submission: pd.DataFrame
     classes: list[str]
     is_demo: bool
@@ -134,28 +134,29 @@ def _on_disk(path: Path) -> Path:
     return path
 
 
-def _check_image(path: Path, limit: int) -> tuple[Path, Optional[str]]:
-    """The file's path on disk and what is wrong with it (None if nothing). Reads the header only: the
-    pixel limit is checked before anything is decoded."""
+def _check_image(path: Path, limit: int) -> tuple[Path, Optional[str], int, int]:
+    """The file's path on disk, what is wrong with it (None if nothing), and its width and height. Reads the
+    header only: the pixel limit is checked before anything is decoded."""
     path = _on_disk(path)
     if not path.is_file():
-        return path, f"is not found; {RESTORE}"
+        return path, f"is not found; {RESTORE}", 0, 0
     if path.stat().st_size == 0:
-        return path, f"is an empty (zero-byte) file; {RESTORE}"
+        return path, f"is an empty (zero-byte) file; {RESTORE}", 0, 0
     try:
         with Image.open(path) as image:
             width, height = image.size
     except (UnidentifiedImageError, OSError) as exc:
-        return path, f"is not a readable image ({exc.__class__.__name__}); {RESTORE}"
+        return path, f"is not a readable image ({exc.__class__.__name__}); {RESTORE}", 0, 0
     if width * height > limit:
         return path, (f"is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,} "
                       f"(a decompression bomb?); shrink or remove it, or if it is genuine raise the limit with "
-                      f"{MAX_PIXELS_ENV}={width * height}")
-    return path, None
+                      f"{MAX_PIXELS_ENV}={width * height}"), width, height
+    return path, None, width, height
 
 
-def _resolve_images(df: pd.DataFrame, csv_path: Path, root: Path) -> pd.Series:
-    """Absolute image paths; every path must stay inside the data root and open as an image.
+def _resolve_images(df: pd.DataFrame, csv_path: Path, root: Path) -> pd.DataFrame:
+    """Absolute image paths (column path) and sizes from the headers (width, height); every path must stay inside
+    the data root and open as an image.
 
     Inside means lexically (no '..' out of it, no absolute path); symbolic links inside the root are followed,
     so train/ or test/ may link to another disk."""
@@ -171,10 +172,11 @@ def _resolve_images(df: pd.DataFrame, csv_path: Path, root: Path) -> pd.Series:
         paths.append(full)
     with ThreadPoolExecutor(max_workers=8) as pool:
         checked = list(pool.map(partial(_check_image, limit=max_image_pixels()), paths))
-    for row, rel, (_, problem) in zip(df.index, df["img_path"], checked):
+    for row, rel, (_, problem, _, _) in zip(df.index, df["img_path"], checked):
         if problem:
             raise UserError(f"{csv_path} line {line_of(row)}: image '{rel}' under {root} {problem}")
-    return pd.Series([str(path) for path, _ in checked], index=df.index)
+    return pd.DataFrame({"path": [str(path) for path, *_ in checked], "width": [c[2] for c in checked],
+                         "height": [c[3] for c in checked]}, index=df.index)
 
 
 def _check_label_spellings(train: pd.DataFrame, path: Path) -> None:
@@ -225,7 +227,7 @@ def load_style_images(root: Path, train: pd.DataFrame, classes: list[str]) -> pd
     if len(unknown):
         raise UserError(f"{path} line {line_of(unknown[0])}: artist '{style.at[unknown[0], 'artist']}' is not in "
                         "train.csv")
-    style["path"] = _resolve_images(style, path, root)
+    style[["path", "width", "height"]] = _resolve_images(style, path, root)
     style["label"] = style["artist"].map({name: i for i, name in enumerate(classes)}).astype(int)
     return style.reset_index(drop=True)
 
@@ -267,8 +269,8 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
     classes = sorted(train["artist"].unique())
     for note in _apply_label_fixes(train, label_fixes or {}, classes):
         log(note)
-    train["path"] = _resolve_images(train, train_path, root)
-    test["path"] = _resolve_images(test, test_path, root)
+    train[["path", "width", "height"]] = _resolve_images(train, train_path, root)
+    test[["path", "width", "height"]] = _resolve_images(test, test_path, root)
     train["label"] = train["artist"].map({name: i for i, name in enumerate(classes)}).astype(int)
     solution = None
     if (root / "solution.csv").is_file():

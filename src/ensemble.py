@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
-from .score import fast_macro_f1, read_oof
+from .score import describe_validation, fast_macro_f1, read_oof, read_run_config, validation_of
 
 ENSEMBLE_DIR = Path(__file__).resolve().parent.parent / "ensemble"
 # Hard voting stores vote shares; the summed probability enters at this scale, below one vote, so the argmax
@@ -86,14 +86,22 @@ def fit_weights(probs: np.ndarray, labels: np.ndarray, method: str, seed: int) -
 
 def _member_probs(outputs: Path, members: list[str]
                   ) -> tuple[pd.DataFrame, list[str], np.ndarray, np.ndarray, pd.DataFrame]:
-    """The members' OOF and test probabilities, aligned on the first member's ids."""
+    """The members' OOF and test probabilities, aligned on the first member's validation rows (id, crop). The members
+    must have validated on the same rows (same validation mode and crops), or their OOF cannot be combined."""
     base, classes = read_oof(outputs / members[0])
+    keys = pd.MultiIndex.from_frame(base[["id", "crop"]])
+    validation = validation_of(read_run_config(outputs / members[0]))
     oof_probs, test_probs, test_ids = [], [], None
     for member in members:
         oof, member_classes = read_oof(outputs / member)
-        if member_classes != classes or sorted(oof["id"]) != sorted(base["id"]):
+        member_validation = validation_of(read_run_config(outputs / member))
+        if member_validation != validation:
+            raise UserError(f"ensemble member {member} was validated on {describe_validation(member_validation)}, "
+                            f"{members[0]} on {describe_validation(validation)}; rerun one of them with the other's "
+                            "validation section, or their OOF cannot be combined")
+        if member_classes != classes or sorted(pd.MultiIndex.from_frame(oof[["id", "crop"]])) != sorted(keys):
             raise UserError(f"ensemble member {member} was trained on other images or artists than {members[0]}")
-        oof = oof.set_index("id").reindex(base["id"])
+        oof = oof.set_index(["id", "crop"]).reindex(keys)
         if (oof["fold"].to_numpy() != base["fold"].to_numpy()).any():
             raise UserError(f"ensemble member {member} used other folds than {members[0]}; its OOF cannot be mixed")
         oof_probs.append(oof[classes].to_numpy())
@@ -126,7 +134,7 @@ def build_ensemble(cfg: EnsembleConfig, outputs: Path) -> tuple[pd.DataFrame, pd
     else:
         test_weights = np.ones(len(cfg.members)) if cfg.weights is None else np.asarray(cfg.weights)
         oof_scores = combine(oof_probs, test_weights, cfg.method)
-    oof = base[["id", "fold", "artist"]].copy()
+    oof = base[["id", "crop", "fold", "artist"]].copy()
     oof["pred"] = np.asarray(classes)[oof_scores.argmax(axis=1)]
     oof = pd.concat([oof.reset_index(drop=True), pd.DataFrame(oof_scores, columns=classes)], axis=1)
     test = pd.concat([test_frame, pd.DataFrame(combine(test_probs, test_weights, cfg.method), columns=classes)],

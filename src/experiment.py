@@ -20,10 +20,11 @@ from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
 from .errors import UserError
 from .features import FEATURE_DIR, FrozenFeatureFolds
 from .image_cache import cache_for
-from .inference import predict_probs, probs_frame
+from .inference import predict_probs, probs_frame, read_probs
 from .io_utils import write_csv, write_yaml
 from .loader import ImageDataset
-from .metrics import scores, solution_f1
+from .geometry import measure_test_geometry, resolve_for_data, validation_set
+from .metrics import painting_scores, scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
 from .runtime import precision_record, select_device, worker_count
 from .submission import submission_from_probs, write_submission
@@ -40,15 +41,22 @@ def fold_status(fold_dir: Path, fingerprint: str) -> str:
     return "done" if json.loads(done.read_text())["fingerprint"] == fingerprint else "stale"
 
 
-def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold_ids: list[int]) -> pd.DataFrame:
-    """One row per train id: id, fold, artist (true), pred, one probability column per artist."""
-    parts = pd.concat([pd.read_csv(out_dir / f"fold{k}" / "val_probs.csv", dtype={"id": str}) for k in fold_ids])
-    counts = parts["id"].value_counts()
-    if (counts > 1).any() or len(counts) != len(data.train) or not set(counts.index) == set(data.train["id"]):
-        raise UserError(f"{out_dir}: fold predictions do not cover every train id exactly once; "
-                        "rerun with --restart")
-    probs = parts.set_index("id").reindex(data.train["id"])[data.classes].to_numpy()
-    oof = pd.DataFrame({"id": data.train["id"], "fold": folds["fold"].to_numpy(), "artist": data.train["artist"],
+def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold_ids: list[int],
+                 cfg: ExperimentConfig) -> pd.DataFrame:
+    """One row per validation row (a whole painting, or one of its crops): id, crop (-1 for the whole painting),
+    fold, artist (true), pred, one probability column per artist; in train.csv's order, crops in order."""
+    parts = pd.concat([read_probs(out_dir / f"fold{k}" / "val_probs.csv") for k in fold_ids])
+    expected = validation_set(cfg, data.train)
+    index = pd.MultiIndex.from_arrays([expected.ids, expected.crops], names=["id", "crop"])
+    keys = pd.MultiIndex.from_frame(parts[["id", "crop"]])
+    if keys.has_duplicates or len(keys) != len(index) or not keys.isin(index).all():
+        raise UserError(f"{out_dir}: fold predictions do not cover every validation row ({expected.describe()}) "
+                        "exactly once; rerun with --restart")
+    probs = parts.set_index(["id", "crop"]).reindex(index)[data.classes].to_numpy()
+    fold_of = dict(zip(folds["id"], folds["fold"]))
+    artist_of = dict(zip(data.train["id"], data.train["artist"]))
+    oof = pd.DataFrame({"id": expected.ids, "crop": expected.crops, "fold": [fold_of[i] for i in expected.ids],
+                        "artist": [artist_of[i] for i in expected.ids],
                         "pred": np.asarray(data.classes)[probs.argmax(axis=1)]})
     return pd.concat([oof, pd.DataFrame(probs, columns=data.classes)], axis=1)
 
@@ -69,6 +77,9 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
     alone writes files and publishes."""
     started = time.time()
     out_dir = outputs / cfg.name
+    geometry = measure_test_geometry(data.train, data.test)
+    cfg = resolve_for_data(cfg, geometry)
+    log(geometry.summary())
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
     device = device_for(ctx)
     if ctx.is_main:
@@ -79,7 +90,8 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
                     "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
                             "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
                             "result_fingerprint": fingerprint, "processes": ctx.world_size,
-                            "precision": precision_record(cfg.train.amp, cfg.train.amp_dtype, device)}},
+                            "precision": precision_record(cfg.train.amp, cfg.train.amp_dtype, device),
+                            "test_geometry": geometry.summary()}},
                    out_dir / "config.yaml")
         shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     barrier(ctx)
@@ -112,7 +124,7 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
             f"{cfg.data.n_folds} folds are done")
         return {}
-    return publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds),
+    return publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
                    mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
 
 
@@ -125,9 +137,17 @@ def publish(name: str, out_dir: Path, oof: pd.DataFrame, test_probs: pd.DataFram
     submission_path = submissions / f"{name}.csv"
     write_submission(submission, submission_path, data.sample_submission, data.classes)
     labels = oof["artist"].map({artist: i for i, artist in enumerate(data.classes)}).to_numpy()
-    result = {f"cv_{k}": v for k, v in scores(labels, oof[data.classes].to_numpy()).items()}
-    summary = f"{name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, " \
-              f"{oof['fold'].nunique()} folds)"
+    probs = oof[data.classes].to_numpy()
+    result = {f"cv_{k}": v for k, v in scores(labels, probs).items()}
+    paintings = oof["id"].nunique()
+    if (oof["crop"] >= 0).any():
+        result["cv_paintings_macro_f1"] = painting_scores(oof["id"].to_numpy(), labels, probs)["macro_f1"]
+        summary = (f"{name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} validation crops, "
+                   f"{len(oof) // paintings} of each of {paintings} train images, {oof['fold'].nunique()} folds; "
+                   f"painting-level {result['cv_paintings_macro_f1']:.4f})")
+    else:
+        summary = f"{name}: CV macro F1 {result['cv_macro_f1']:.4f} (OOF of {len(oof)} train images, " \
+                  f"{oof['fold'].nunique()} folds)"
     if data.solution is not None:
         result["test_macro_f1"] = solution_f1(submission["id"], submission["artist"], data.solution)
         summary += f" | demo test macro F1 {result['test_macro_f1']:.4f} ({len(submission)} crops, solution.csv)"
@@ -173,19 +193,22 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
         mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         _, eval_model = prepare_model(model, cfg, device, SINGLE_PROCESS)
         predictor = with_tta(eval_model, mode)
-        val_rows = data.train[(folds["fold"] == fold).to_numpy()]
-        for rows, transform, filename in ((val_rows, build_eval_transform(cfg, mean, std), "val_probs.csv"),
-                                          (data.test, build_eval_transform(cfg, mean, std, test=True),
-                                           "test_probs.csv")):
-            loader = eval_loader(ImageDataset(rows["path"], None, transform, cache=image_cache), cfg, device,
-                                 workers, SINGLE_PROCESS)
-            probs, _ = predict_probs(predictor, loader, device, cfg.train.amp, cfg.train.amp_dtype,
-                                     desc=f"{name} fold {fold}", channels_last=uses_channels_last(cfg, device))
-            write_csv(probs_frame(rows["id"], probs, data.classes), out_dir / f"fold{fold}" / filename)
-        log(f"{name} fold {fold}: predicted {len(val_rows)} validation and {len(data.test)} test images")
+        validation = validation_set(cfg, data.train[(folds["fold"] == fold).to_numpy()])
+        datasets = {"val_probs.csv": ImageDataset(validation.paths, None,
+                                                  build_eval_transform(cfg, mean, std, test=validation.are_crops),
+                                                  cache=image_cache, boxes=validation.boxes),
+                    "test_probs.csv": ImageDataset(data.test["path"], None,
+                                                   build_eval_transform(cfg, mean, std, test=True), cache=image_cache)}
+        for filename, dataset in datasets.items():
+            probs, _ = predict_probs(predictor, eval_loader(dataset, cfg, device, workers, SINGLE_PROCESS), device,
+                                     cfg.train.amp, cfg.train.amp_dtype, desc=f"{name} fold {fold}",
+                                     channels_last=uses_channels_last(cfg, device))
+            rows = (validation.ids, validation.crops) if filename == "val_probs.csv" else (data.test["id"], None)
+            write_csv(probs_frame(rows[0], probs, data.classes, crops=rows[1]), out_dir / f"fold{fold}" / filename)
+        log(f"{name} fold {fold}: predicted {validation.describe()} and {len(data.test)} test images")
     write_yaml({"name": name, "parent": source, "description": f"{source} with {mode} TTA", "tta": mode,
-                "source_config": cfg.model_dump(mode="json"),
+                "validation": cfg.validation.model_dump(mode="json"), "source_config": cfg.model_dump(mode="json"),
                 "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
                out_dir / "config.yaml")
-    return publish(name, out_dir, assemble_oof(out_dir, data, folds, all_folds),
+    return publish(name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
                    mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)

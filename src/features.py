@@ -24,6 +24,7 @@ import torch
 from .config import ExperimentConfig, FrozenConfig
 from .data import CompetitionData
 from .errors import UserError
+from .geometry import ValidationSet, validation_set
 from .inference import predict_features, probs_frame
 from .io_utils import atomic_path, write_csv, write_json
 from .loader import ImageDataset, make_loader
@@ -40,24 +41,30 @@ def _digest(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_path(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, test: bool) -> Path:
-    """Where the features of these images under this backbone and input pipeline are cached."""
+def cache_path(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, test: bool,
+               boxes: np.ndarray | None = None) -> Path:
+    """Where the features of these images (or of these crops of them) under this backbone and input pipeline are
+    cached."""
     model, size = cfg.model, cfg.input.img_size
     view = {"backbone": model.backbone, "weights": model.weights, "pretrained": model.pretrained, "size": size,
             "mean": cfg.input.mean, "std": cfg.input.std, "test": test, "crop": cfg.augment.crop,
             "mimic_scale": cfg.augment.mimic_scale}
+    if boxes is not None:
+        view["boxes"] = _digest(np.round(boxes, 6).tolist())
     images = [(path, (stat := os.stat(path)).st_size, stat.st_mtime_ns) for path in paths]
     return cache_dir / f"{model.backbone}_{size}px_{_digest(view)}_{_digest(images)}.npz"
 
 
 def embed_images(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, device: torch.device,
-                 test: bool = False, log: Callable[[str], None] = print) -> np.ndarray:
+                 test: bool = False, log: Callable[[str], None] = print,
+                 boxes: np.ndarray | None = None) -> np.ndarray:
     """Pooled features (n_images x num_features, float32) of the frozen backbone, from the cache when there.
-    Images go through the evaluation pipeline: train images as validation images, test=True as test crops."""
+    Images go through the evaluation pipeline: train images as validation images, test=True as test crops; with
+    `boxes`, those crops of the images, resized like the test crops."""
     if not cfg.model.pretrained:
         raise UserError("frozen features need a pretrained backbone: set model.pretrained=true "
                         "(random features are no baseline)")
-    path = cache_path(cfg, paths, cache_dir, test)
+    path = cache_path(cfg, paths, cache_dir, test, boxes)
     if path.is_file():
         with np.load(path) as cached:
             if len(cached["features"]) == len(paths):
@@ -65,7 +72,7 @@ def embed_images(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, d
                 return cached["features"]
     backbone = build_backbone(cfg.model).to(device)
     mean, std = normalisation(backbone, cfg.input.mean, cfg.input.std)
-    loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=test)),
+    loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=test), boxes=boxes),
                          cfg.inference.batch_size, worker_count(cfg.train.num_workers, device), device, train=False)
     features = predict_features(backbone, loader, device, cfg.train.amp, cfg.train.amp_dtype,
                                 desc=f"features {cfg.model.backbone}")
@@ -120,6 +127,18 @@ class FrozenFeatureFolds:
         return embed_images(self.cfg, self.data.train["path"].tolist(), self.cache_dir, self.device, log=self.log)
 
     @cached_property
+    def validation(self) -> ValidationSet:
+        return validation_set(self.cfg, self.data.train)
+
+    @cached_property
+    def validation_features(self) -> np.ndarray:
+        """The features of every validation row: the train images themselves, or their validation crops."""
+        if not self.validation.are_crops:
+            return self.train_features
+        return embed_images(self.cfg, self.validation.paths, self.cache_dir, self.device, test=True, log=self.log,
+                            boxes=self.validation.boxes)
+
+    @cached_property
     def test_features(self) -> np.ndarray:
         return embed_images(self.cfg, self.data.test["path"].tolist(), self.cache_dir, self.device, test=True,
                             log=self.log)
@@ -132,11 +151,14 @@ class FrozenFeatureFolds:
         classifier = build_classifier(cfg.frozen, seed=cfg.seed + fold)
         classifier.fit(self.train_features[~is_val], labels[~is_val])
         n_classes = len(data.classes)
-        val_probs = class_probabilities(classifier, self.train_features[is_val], n_classes)
+        validation = self.validation
+        is_val_row = np.isin(validation.ids, data.train["id"][is_val])
+        val_probs = class_probabilities(classifier, self.validation_features[is_val_row], n_classes)
         test_probs = class_probabilities(classifier, self.test_features, n_classes)
-        write_csv(probs_frame(data.train["id"][is_val], val_probs, data.classes), fold_dir / "val_probs.csv")
+        write_csv(probs_frame(validation.ids[is_val_row], val_probs, data.classes, crops=validation.crops[is_val_row]),
+                  fold_dir / "val_probs.csv")
         write_csv(probs_frame(data.test["id"], test_probs, data.classes), fold_dir / "test_probs.csv")
-        val = scores(labels[is_val], val_probs)
+        val = scores(validation.labels[is_val_row], val_probs)
         write_json({"fingerprint": fingerprint, "fold": fold, "classifier": cfg.frozen.classifier,
                     "best_macro_f1": val["macro_f1"]}, fold_dir / DONE_FILE)
         self.log(f"{cfg.name} fold {fold}: {cfg.frozen.classifier} on frozen {cfg.model.backbone} features, "

@@ -35,8 +35,9 @@ from .data import CompetitionData, load_competition_data, shared_folds
 from .demo_data import generate_demo_dataset
 from .distributed import SINGLE_PROCESS
 from .experiment import run_experiment
+from .geometry import ValidationSet, resolved, validation_set
 from .image_cache import ImageCache, cache_for, needed_short_side
-from .inference import predict_probs
+from .inference import predict_probs, read_probs
 from .io_utils import write_text
 from .loader import ImageDataset, make_loader
 from .models import build_model, load_checkpoint, load_weights, normalisation
@@ -73,9 +74,11 @@ class Predictor:
         self.cache = cache_for(cfg, outputs)
         self.workers = worker_count(cfg.train.num_workers, device)
 
-    def __call__(self, rows: pd.DataFrame, test: bool) -> np.ndarray:
-        dataset = ImageDataset(rows["path"], None, build_eval_transform(self.cfg, self.mean, self.std, test=test),
-                               cache=self.cache)
+    def __call__(self, paths: list[str], test: bool, boxes: np.ndarray | None = None) -> np.ndarray:
+        """Probabilities for the images (test=True: resized whole, as test crops and validation crops are; False:
+        the validation transform of whole paintings), or for these crops of them."""
+        dataset = ImageDataset(paths, None, build_eval_transform(self.cfg, self.mean, self.std, test=test),
+                               cache=self.cache, boxes=boxes)
         loader = eval_loader(dataset, self.cfg, self.device, self.workers, SINGLE_PROCESS)
         probs, _ = predict_probs(self.model, loader, self.device, self.cfg.train.amp, self.cfg.train.amp_dtype,
                                  channels_last=uses_channels_last(self.cfg, self.device))
@@ -91,18 +94,24 @@ def fresh_model(cfg: ExperimentConfig, n_classes: int, checkpoint: Path | None =
     return model
 
 
-def check_fold_predictions(predict: Predictor, data: CompetitionData, fold_dir: Path, val_rows: pd.DataFrame,
+def predict_validation(predict: Predictor, validation: ValidationSet) -> np.ndarray:
+    return predict(validation.paths, test=validation.are_crops, boxes=validation.boxes)
+
+
+def check_fold_predictions(predict: Predictor, data: CompetitionData, fold_dir: Path, validation: ValidationSet,
                            epochs: int) -> Check:
     """The fold's saved probabilities against a fresh model loaded from its best.pt."""
-    worst = 0.0
-    for rows, name, test in ((val_rows, "val_probs.csv", False), (data.test, "test_probs.csv", True)):
-        saved = pd.read_csv(fold_dir / name, dtype={"id": str}).set_index("id").loc[rows["id"], data.classes]
-        worst = max(worst, float(np.abs(saved.to_numpy() - predict(rows, test)).max()))
+    saved_val = read_probs(fold_dir / "val_probs.csv").set_index(["id", "crop"])
+    saved_val = saved_val.loc[list(zip(validation.ids, validation.crops)), data.classes].to_numpy()
+    saved_test = pd.read_csv(fold_dir / "test_probs.csv", dtype={"id": str}).set_index("id")
+    saved_test = saved_test.loc[data.test["id"], data.classes].to_numpy()
+    worst = max(float(np.abs(saved_val - predict_validation(predict, validation)).max()),
+                float(np.abs(saved_test - predict(data.test["path"].tolist(), test=True)).max()))
     best_epoch = int(torch.load(fold_dir / "best.pt", weights_only=True)["epoch"])
     tolerance = PROBABILITY_TOLERANCE[predict.device.type]
     return Check("fold files = fresh model from best.pt", worst <= tolerance,
                  f"largest probability difference {worst:.1e} (tolerance {tolerance:.0e}); best epoch {best_epoch} "
-                 f"of {epochs}; {len(val_rows)} validation and {len(data.test)} test rows")
+                 f"of {epochs}; validation on {validation.describe()}, {len(data.test)} test rows")
 
 
 def check_reload_after_predicting(cfg: ExperimentConfig, data: CompetitionData, fold_dir: Path,
@@ -110,20 +119,20 @@ def check_reload_after_predicting(cfg: ExperimentConfig, data: CompetitionData, 
     """Predict with best.pt's weights, load other weights into the same model, predict again: the result must equal
     a fresh model built with those other weights. Eager (a compiled graph per model would cost minutes)."""
     eager = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"compile": False})})
-    rows = data.test.head(cfg.inference.batch_size)
+    paths = data.test["path"].head(cfg.inference.batch_size).tolist()
     model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-    Predictor(eager, model, device, fold_dir)(rows, test=True)
+    Predictor(eager, model, device, fold_dir)(paths, test=True)
     torch.manual_seed(1)
     other = {key: value + 0.05 * torch.randn_like(value) if value.is_floating_point() else value
              for key, value in model.state_dict().items()}
     load_weights(model, other)
-    reloaded = Predictor(eager, model, device, fold_dir)(rows, test=True)
+    reloaded = Predictor(eager, model, device, fold_dir)(paths, test=True)
     fresh = fresh_model(cfg, len(data.classes))
     fresh.load_state_dict(other)
-    difference = float(np.abs(reloaded - Predictor(eager, fresh, device, fold_dir)(rows, test=True)).max())
+    difference = float(np.abs(reloaded - Predictor(eager, fresh, device, fold_dir)(paths, test=True)).max())
     tolerance = PROBABILITY_TOLERANCE[device.type]
     return Check(f"{cfg.model.backbone}: weights loaded after predicting = fresh model", difference <= tolerance,
-                 f"largest probability difference {difference:.1e} on {len(rows)} test rows")
+                 f"largest probability difference {difference:.1e} on {len(paths)} test rows")
 
 
 def augmentation_batches(cfg: ExperimentConfig, path: str, workers: int, epochs: int,
@@ -173,13 +182,13 @@ def check_precision(cfg: ExperimentConfig, run_dir: Path, device: torch.device) 
                  f"{recorded}), gradient scaler {'on, its state saved' if scaler else 'off'}")
 
 
-def timed_prediction(predict: Predictor, rows: pd.DataFrame) -> float:
-    """images/s of a second pass over the test rows (the first compiled the model and filled the cache)."""
+def timed_prediction(predict: Predictor, paths: list[str]) -> float:
+    """images/s of a second pass over the test images (the first compiled the model and filled the cache)."""
     synchronize(predict.device)
     started = time.perf_counter()
-    predict(rows, test=True)
+    predict(paths, test=True)
     synchronize(predict.device)
-    return len(rows) / (time.perf_counter() - started)
+    return len(paths) / (time.perf_counter() - started)
 
 
 def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, overrides: list[str], steps: int,
@@ -192,6 +201,7 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         generate_demo_dataset(data_root, seed=0, scale=0.02, min_side=1200, max_side=2200)
     cfg, _ = resolve_config(EXPERIMENT, None, RUN_OVERRIDES + [f"speed.cache_dir={work / 'cache'}"] + overrides)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=lambda _: None)
+    cfg = resolved(cfg, data)
     run_outputs = work / "outputs"
     shutil.rmtree(run_outputs, ignore_errors=True)
     reset_peak(device)
@@ -206,14 +216,14 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     history = pd.read_csv(fold_dir / "history.csv")
     predict = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes), device,
                         run_outputs)
-    checks = [check_fold_predictions(predict, data, fold_dir, val_rows, cfg.train.epochs),
+    checks = [check_fold_predictions(predict, data, fold_dir, validation_set(cfg, val_rows), cfg.train.epochs),
               check_reload_after_predicting(cfg, data, fold_dir, device),
               check_augmentation_streams(cfg, data.train["path"].iloc[0],
                                          max(2, worker_count(cfg.train.num_workers, device))),
               check_precision(cfg, run_dir, device)]
     for check in checks:
         log(f"gpucheck: {check.name}: {'PASS' if check.passed else 'FAIL'} ({check.detail})")
-    predict_rate = timed_prediction(predict, data.test)
+    predict_rate = timed_prediction(predict, data.test["path"].tolist())
     bench = Bench(cfg, data, len(data.train), steps, warmup=0, workers=None, log=lambda _: None, device=device)
     loop = bench.train_loop(bench.cfg, ImageCache(Path(cfg.speed.cache_dir), needed_short_side(cfg), "jpg"))
     peaks.append(peak_gib(device))

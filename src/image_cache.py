@@ -29,9 +29,16 @@ SMALL_MARKER = "small"
 
 def needed_short_side(cfg: ExperimentConfig) -> int:
     """Short side that the first resize of the train and eval transforms never upscales: 2x the input size, or
-    the random-crop / mimic scale when that is larger."""
-    scale = {"none": 2.0, "random": cfg.augment.resize_scale, "mimic": cfg.augment.mimic_scale}[cfg.augment.crop]
-    return math.ceil(max(2.0, scale) * cfg.input.img_size)
+    the random-crop / mimic scale when that is larger, or what the smallest RandomResizedCrop or validation crop
+    needs to keep the input size (its side share is the square root of its area share)."""
+    augment = cfg.augment
+    scales = [2.0, {"none": 2.0, "random": augment.resize_scale, "mimic": augment.mimic_scale,
+                    "rrc": 1 / math.sqrt(augment.rrc_scale[0])}[augment.crop]]
+    if cfg.validation.mode == "crops":
+        if cfg.validation.crop_area == "auto":
+            raise ValueError("validation.crop_area is still 'auto': resolve it with the data first (resolved)")
+        scales.append(1 / math.sqrt(cfg.validation.crop_area[0]))
+    return math.ceil(max(scales) * cfg.input.img_size)
 
 
 def shrink(image: np.ndarray, short_side: int) -> np.ndarray:

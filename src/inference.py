@@ -3,6 +3,7 @@ of a loader."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -48,7 +49,18 @@ def predict_features(backbone: nn.Module, loader, device: torch.device, amp: boo
                            _outputs(backbone, loader, device, amp, amp_dtype, desc)])
 
 
-def probs_frame(ids, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+def probs_frame(ids, probs: np.ndarray, classes: list[str], crops=None) -> pd.DataFrame:
+    """id, then crop (validation rows: the crop's index, -1 for a whole painting), then one column per class."""
     frame = pd.DataFrame(probs, columns=classes)
+    if crops is not None:
+        frame.insert(0, "crop", list(crops))
     frame.insert(0, "id", list(ids))
+    return frame
+
+
+def read_probs(path: Path) -> pd.DataFrame:
+    """A val_probs.csv or oof.csv; files written before validation crops existed get crop -1 (whole)."""
+    frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
+    if "crop" not in frame.columns:
+        frame.insert(1, "crop", -1)
     return frame

@@ -11,24 +11,29 @@ import contextlib
 from typing import Callable, Optional
 
 import cv2
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from .data import read_image
+from .geometry import crop_image
 from .sampler import EpochSampler
 from .transforms import reseed
 
 
 class ImageDataset:
     """(image tensor, label) pairs; label is -1 where unknown (test). A key is a row index, or (row index, seed) to
-    augment the image with that seed. With an image cache (src/image_cache.py) each image is decoded once, shrunk,
-    and loaded from the cache afterwards."""
+    augment the image with that seed. With `boxes` (relative, one per row) each row is that crop of its image, as
+    validation crops are. With an image cache (src/image_cache.py) each image is decoded once, shrunk, and loaded
+    from the cache afterwards."""
 
-    def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable, cache=None):
+    def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable, cache=None,
+                 boxes: Optional[np.ndarray] = None):
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else [-1] * len(self.paths)
         self.transform = transform
         self.cache = cache
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -39,6 +44,8 @@ class ImageDataset:
             reseed(self.transform, seed)
         path = self.paths[index]
         image = self.cache.load(path) if self.cache is not None else read_image(path)
+        if self.boxes is not None:
+            image = crop_image(image, self.boxes[index])
         return self.transform(image=image)["image"], self.labels[index]
 
 

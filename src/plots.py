@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from .data import CompetitionData, read_image
+from .geometry import measure_test_geometry
 from .io_utils import atomic_path, write_csv
 
 # Of 64 bits. On the demo data a resized (x0.6), re-encoded (JPEG 70) copy stays within 4 of its source and no two
@@ -201,6 +202,7 @@ def eda(data: CompetitionData, out_dir: Path, threshold: int = DUPLICATE_DISTANC
     log(f"eda: {len(images)} images ({(images['split'] == 'train').sum()} train); greyscale "
         f"{images['greyscale'].mean():.1%}; {len(duplicates)} near-duplicate pairs at pHash distance <= "
         f"{threshold}")
+    log(f"eda: {measure_test_geometry(data.train, data.test).summary()}")
     return written + [out_dir / "images.csv", out_dir / "near_duplicates.csv"]
 
 

@@ -61,11 +61,13 @@ def available_cores() -> int:
 
 
 def worker_count(requested: int | None, device: torch.device, processes: int = 1) -> int:
-    """On a GPU machine, every core but one for each of the `processes` training processes on this machine decodes
-    images; on the CPU the model needs the cores."""
+    """DataLoader workers of each of the `processes` training processes on this machine: on a GPU machine every
+    core but one decodes images; on the CPU two (as timm's train script), fewer when the processes leave less than
+    two cores each, because the model needs the cores too."""
     if requested is not None:
         return requested
-    return max(1, available_cores() // processes - 1) if device.type == "cuda" else 0
+    cores = max(1, available_cores() // processes)
+    return max(1, cores - 1) if device.type == "cuda" else min(2, cores)
 
 
 def to_device(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

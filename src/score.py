@@ -15,8 +15,9 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 
 from .errors import UserError
+from .inference import read_probs
 from .io_utils import write_csv, write_text
-from .metrics import solution_f1
+from .metrics import painting_scores, solution_f1
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -32,12 +33,20 @@ def fast_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> flo
 
 
 def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
-                     samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% interval of macro F1(a) - macro F1(b) over resamples of the same images."""
+                     groups: np.ndarray | None = None, samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% interval of macro F1(a) - macro F1(b) over resamples of the same images. With `groups` (the painting
+    of each row: its validation crops), whole paintings are resampled, because a painting's crops are not
+    independent of each other."""
     rng = np.random.default_rng(seed)
+    groups = np.arange(len(y_true)) if groups is None else groups
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(inverse.max() + 2))
     diffs = np.empty(samples)
     for i in range(samples):
-        idx = rng.integers(0, len(y_true), len(y_true))
+        chosen = rng.integers(0, len(bounds) - 1, len(bounds) - 1)
+        idx = order[np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in chosen])]
         diffs[i] = (fast_macro_f1(y_true[idx], pred_a[idx], n_classes)
                     - fast_macro_f1(y_true[idx], pred_b[idx], n_classes))
     low, high = np.percentile(diffs, [2.5, 97.5])
@@ -45,16 +54,33 @@ def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
 
 
 def read_oof(out_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """An experiment's oof.csv (id, crop, fold, artist, pred, then one column per artist) and its artists."""
     path = out_dir / "oof.csv"
     if not path.is_file():
         raise UserError(f"{path} not found; run the experiment's 5 folds first (bash run.sh {out_dir.name})")
-    oof = pd.read_csv(path, dtype={"id": str}, keep_default_na=False)
-    return oof, list(oof.columns[4:])
+    oof = read_probs(path)
+    return oof, list(oof.columns[list(oof.columns).index("pred") + 1:])
 
 
-def _read_config(out_dir: Path) -> dict:
+def read_run_config(out_dir: Path) -> dict:
+    """The config.yaml an experiment, TTA run or ensemble wrote (empty if none)."""
     path = out_dir / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def validation_of(config: dict) -> dict:
+    """The validation section an experiment's OOF was scored under (whole paintings when none was recorded)."""
+    validation = config.get("validation") or {}
+    if validation.get("mode", "whole") == "whole":
+        return {"mode": "whole"}
+    return {key: validation[key] for key in ("mode", "crops_per_image", "crop_area", "seed")}
+
+
+def describe_validation(validation: dict) -> str:
+    if validation["mode"] == "whole":
+        return "whole paintings"
+    low, high = validation["crop_area"]
+    return f"{validation['crops_per_image']} crops of {low:.0%}-{high:.0%}"
 
 
 def _test_f1(out_dir: Path, classes: list[str], config: dict) -> Optional[float]:
@@ -76,6 +102,7 @@ def experiment_scores(oof: pd.DataFrame, classes: list[str]) -> dict[str, float]
     per_fold = [f1_score(y_true[oof["fold"] == k], y_pred[oof["fold"] == k], average="macro", zero_division=0)
                 for k in sorted(oof["fold"].unique())]
     return {"oof_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+            "paintings_macro_f1": painting_scores(oof["id"].to_numpy(), y_true, probs)["macro_f1"],
             "fold_f1_mean": float(np.mean(per_fold)), "fold_f1_std": float(np.std(per_fold, ddof=1))
             if len(per_fold) > 1 else 0.0,
             "accuracy": float((y_true == y_pred).mean()),
@@ -91,39 +118,63 @@ def ablation_table(outputs: Path, names: list[str]) -> pd.DataFrame:
         loaded[name] = read_oof(outputs / name)
     for name in names:
         oof, classes = loaded[name]
-        config = _read_config(outputs / name)
+        config = read_run_config(outputs / name)
         parent = config.get("parent")
-        row = {"experiment": name, "parent": parent or "", **experiment_scores(oof, classes),
-               "delta_vs_parent": np.nan, "delta_ci_low": np.nan, "delta_ci_high": np.nan,
-               "test_macro_f1": _test_f1(outputs / name, classes, config)}
-        if parent and (outputs / parent / "oof.csv").is_file():
+        validation = validation_of(config)
+        row = {"experiment": name, "parent": parent or "", "validation": describe_validation(validation),
+               **experiment_scores(oof, classes), "delta_vs_parent": np.nan, "delta_ci_low": np.nan,
+               "delta_ci_high": np.nan, "test_macro_f1": _test_f1(outputs / name, classes, config)}
+        if parent and (outputs / parent / "oof.csv").is_file() and \
+                validation_of(read_run_config(outputs / parent)) == validation:
             parent_oof, parent_classes = loaded.get(parent) or read_oof(outputs / parent)
-            if parent_classes != classes or sorted(parent_oof["id"]) != sorted(oof["id"]):
+            keys = pd.MultiIndex.from_frame(oof[["id", "crop"]])
+            parent_keys = pd.MultiIndex.from_frame(parent_oof[["id", "crop"]])
+            if parent_classes != classes or sorted(parent_keys) != sorted(keys):
                 raise UserError(f"{name} and its parent {parent} were scored on different images or artists; "
                                 "rerun one of them on the same data")
             index = {c: i for i, c in enumerate(classes)}
-            parent_oof = parent_oof.set_index("id").reindex(oof["id"])
+            parent_oof = parent_oof.set_index(["id", "crop"]).reindex(keys)
             y_true = oof["artist"].map(index).to_numpy()
             pred = oof[classes].to_numpy().argmax(axis=1)
             parent_pred = parent_oof[classes].to_numpy().argmax(axis=1)
             row["delta_vs_parent"] = (fast_macro_f1(y_true, pred, len(classes))
                                       - fast_macro_f1(y_true, parent_pred, len(classes)))
-            row["delta_ci_low"], row["delta_ci_high"] = paired_bootstrap(y_true, pred, parent_pred, len(classes))
+            row["delta_ci_low"], row["delta_ci_high"] = paired_bootstrap(y_true, pred, parent_pred, len(classes),
+                                                                         groups=oof["id"].to_numpy())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| experiment | parent | OOF macro F1 | fold F1 mean ± sd | accuracy | balanced acc | top-3 acc | "
-             "Δ vs parent [95% CI] | test macro F1 |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | parent | validated on | OOF macro F1 | paintings | fold F1 mean ± sd | accuracy | "
+             "balanced acc | top-3 acc | Δ vs parent [95% CI] | test macro F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in table.itertuples(index=False):
         delta = "" if np.isnan(row.delta_vs_parent) else \
             f"{row.delta_vs_parent:+.4f} [{row.delta_ci_low:+.4f}, {row.delta_ci_high:+.4f}]"
         test = "" if row.test_macro_f1 is None or pd.isna(row.test_macro_f1) else f"{row.test_macro_f1:.4f}"
-        lines.append(f"| {row.experiment} | {row.parent} | {row.oof_macro_f1:.4f} | {row.fold_f1_mean:.4f} ± "
-                     f"{row.fold_f1_std:.4f} | {row.accuracy:.4f} | {row.balanced_accuracy:.4f} | "
-                     f"{row.top3_accuracy:.4f} | {delta} | {test} |")
+        lines.append(f"| {row.experiment} | {row.parent} | {row.validation} | {row.oof_macro_f1:.4f} | "
+                     f"{row.paintings_macro_f1:.4f} | {row.fold_f1_mean:.4f} ± {row.fold_f1_std:.4f} | "
+                     f"{row.accuracy:.4f} | {row.balanced_accuracy:.4f} | {row.top3_accuracy:.4f} | {delta} | {test} |")
+    ranking = rank_agreement(table)
+    if ranking:
+        lines += ["", ranking]
     return "\n".join(lines) + "\n"
+
+
+def rank_agreement(table: pd.DataFrame) -> str:
+    """How well the OOF ranks these experiments against the test: Spearman's rank correlation between OOF macro F1
+    and test macro F1, over the experiments that have both (demo data: solution.csv), per validation kind."""
+    from scipy.stats import spearmanr
+
+    lines = []
+    scored = table.dropna(subset=["test_macro_f1"])
+    for validation, rows in scored.groupby("validation", sort=False):
+        if len(rows) >= 3 and rows["oof_macro_f1"].nunique() > 1 and rows["test_macro_f1"].nunique() > 1:
+            rho = spearmanr(rows["oof_macro_f1"], rows["test_macro_f1"]).statistic
+            lines.append(f"Spearman rank correlation of OOF and test macro F1 over the {len(rows)} experiments "
+                         f"validated on {validation}: {rho:+.2f}")
+    return "\n".join(lines)
 
 
 def class_report(out_dir: Path) -> list[Path]:

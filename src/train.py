@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -29,9 +30,10 @@ from .inference import predict_probs, probs_frame
 from .io_utils import save_torch, write_csv, write_json
 from .loader import ImageDataset, make_loader
 from .losses import build_loss
-from .metrics import scores
+from .geometry import validation_set
+from .metrics import painting_scores, scores
 from .models import build_model, load_checkpoint, load_weights, normalisation, read_checkpoint
-from .optim import SAM, build_optimizer, build_scheduler
+from .optim import SAM, build_optimizer, build_scheduler, schedule_note
 from .runtime import autocast, autocast_dtype, seed_everything, synchronize, to_device, worker_count
 from .sampler import build_sampler
 from .transforms import build_eval_transform, build_train_transform
@@ -156,6 +158,16 @@ class Training:
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     cutmix: object
+    ema: ModelEmaV3 | None = None
+    ema_eval_model: nn.Module | None = None
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The model that validates and predicts: the EMA of the weights when train.ema_decay is set."""
+        return self.ema_eval_model if self.ema is not None else self.eval_model
+
+    def predicting_state(self) -> dict:
+        return (self.ema.module if self.ema is not None else self.model).state_dict()
 
     def restore_scaler(self, state: dict, log: Callable[[str], None], name: str) -> None:
         """A saved scaler state, when this run scales (float16) and one was saved; a run saved in another precision
@@ -186,15 +198,17 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
                            cache=image_cache)
     loader = train_loader_for(dataset, rows["label"].to_numpy(), cfg, device, workers, ctx, seed, shared_seed)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader))
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
     use_scaler = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device) == torch.float16
     if use_scaler and isinstance(optimizer, SAM):
         raise UserError("optimizer.sam_rho does not combine with float16 AMP (its gradient scaler); "
                         "set train.amp_dtype=bfloat16 or train.amp=false")
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay else None
     train_model, eval_model = prepare_model(model, cfg, device, ctx)
     return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
                     torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
-                    build_cutmix(cfg, n_classes))
+                    build_cutmix(cfg, n_classes), ema,
+                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
 
 
 def _check_finite(losses: list[torch.Tensor], lrs: list[float], first: int, desc: str, epoch: int) -> None:
@@ -231,6 +245,8 @@ def train_step(run: Training, images: torch.Tensor, targets: torch.Tensor) -> to
         run.scaler.step(optimizer)
         run.scaler.update()
     run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.scheduler.last_epoch)
     return loss.detach()
 
 
@@ -312,9 +328,10 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
         seed_everything(stream_seed)
     run = build_training(cfg, train_rows, len(data.classes), device, ctx, image_cache, seed=stream_seed,
                          shared_seed=cfg.seed + fold)
-    val_loader = eval_loader(ImageDataset(val_rows["path"], val_rows["label"],
-                                          build_eval_transform(cfg, run.mean, run.std), cache=image_cache),
-                             cfg, device, run.workers, ctx)
+    validation = validation_set(cfg, val_rows)
+    val_loader = eval_loader(ImageDataset(validation.paths, validation.labels,
+                                          build_eval_transform(cfg, run.mean, run.std, test=validation.are_crops),
+                                          cache=image_cache, boxes=validation.boxes), cfg, device, run.workers, ctx)
 
     history, best_f1, best_epoch, best_val_probs, first_epoch = [], -1.0, 0, None, 1
     name = f"{cfg.name} fold {fold}"
@@ -327,6 +344,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
                             f"{ctx.world_size}; rerun with the same --ddp, or with --restart to start over")
         if state.get("fingerprint") == fingerprint:
             load_weights(run.model, state["model"])
+            if run.ema is not None:
+                load_weights(run.ema.module, state["ema"])
             run.optimizer.load_state_dict(state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
             run.restore_scaler(state["scaler"], log, name)
@@ -338,40 +357,51 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     synced = ", SyncBatchNorm" if ctx.enabled and cfg.train.sync_batchnorm else ""
     processes = f" x {ctx.world_size} processes (DDP{synced})" if ctx.enabled else ""
     log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
-        f"at {cfg.input.img_size}px on {device.type}{processes}, {run.workers} loader workers")
+        f"at {cfg.input.img_size}px on {device.type}{processes}, {run.workers} loader workers; validating on "
+        f"{validation.describe()}{', EMA of the weights' if run.ema is not None else ''}")
+    note = schedule_note(cfg.scheduler, cfg.optimizer.lr, len(run.loader), cfg.train.epochs)
+    if note and first_epoch == 1:
+        log(f"{name}: {note}")
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         started = time.time()
         lr = run.optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(run, epoch, desc=f"{name} epoch {epoch}")
         train_loss = float(np.mean(all_gather(ctx, stats.loss)))
-        val_probs, val_loss = evaluate(run.eval_model, val_loader, cfg, device, ctx, run.criterion,
+        val_probs, val_loss = evaluate(run.predictor, val_loader, cfg, device, ctx, run.criterion,
                                        desc=f"{name} validate")
-        val = scores(val_rows["label"].to_numpy(), val_probs)
+        val = scores(validation.labels, val_probs)
+        record = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
+                  "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
+                  "val_macro_f1_paintings": painting_scores(validation.ids, validation.labels, val_probs)["macro_f1"]}
+        if run.ema is not None:
+            raw_probs, _ = evaluate(run.eval_model, val_loader, cfg, device, ctx, desc=f"{name} validate raw")
+            record["val_macro_f1_raw"] = scores(validation.labels, raw_probs)["macro_f1"]
         improved = val["macro_f1"] > best_f1
         if improved:
             best_f1, best_epoch, best_val_probs = val["macro_f1"], epoch, val_probs
             if ctx.is_main:
-                save_torch({"model": run.model.state_dict(), "epoch": epoch, "val_macro_f1": best_f1,
+                raw = {"raw_model": run.model.state_dict()} if run.ema is not None else {}
+                save_torch({"model": run.predicting_state(), **raw, "epoch": epoch, "val_macro_f1": best_f1,
                             "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "best.pt")
-        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": val_loss,
-                        "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
-                        "seconds": round(time.time() - started, 1),
+        history.append({**record, "seconds": round(time.time() - started, 1),
                         "train_images_per_s": round(stats.images_per_s * ctx.world_size, 1),
                         "data_wait_share": round(stats.data_seconds / stats.seconds, 3) if stats.seconds else 0.0})
         stop = bool(cfg.train.patience) and epoch - best_epoch >= cfg.train.patience
         rng_states = all_gather(ctx, capture_rng())
         if ctx.is_main:
-            save_torch({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            ema = {"ema": run.ema.module.state_dict()} if run.ema is not None else {}
+            save_torch({"model": run.model.state_dict(), **ema, "optimizer": run.optimizer.state_dict(),
                         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
                         "classes": data.classes, "backbone": cfg.model.backbone, "fingerprint": fingerprint,
                         "history": history, "best_macro_f1": best_f1, "best_epoch": best_epoch,
                         "best_val_probs": torch.from_numpy(best_val_probs), "finished": stop,
                         "rng": rng_states}, last_path)
             write_csv(pd.DataFrame(history), fold_dir / "history.csv")
+        raw_note = f" (raw weights {record['val_macro_f1_raw']:.4f})" if run.ema is not None else ""
         log(f"{name} epoch {epoch}/{cfg.train.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
-            f"val macro F1 {val['macro_f1']:.4f}  acc {val['accuracy']:.4f}  lr {lr:.2e}  "
-            f"{history[-1]['train_images_per_s']:,.0f} images/s  {time.time() - started:.0f}s"
-            f"{'  *best*' if improved else ''}")
+            f"val macro F1 {val['macro_f1']:.4f}{raw_note}  paintings {record['val_macro_f1_paintings']:.4f}  "
+            f"acc {val['accuracy']:.4f}  lr {lr:.2e}  {history[-1]['train_images_per_s']:,.0f} images/s  "
+            f"{time.time() - started:.0f}s{'  *best*' if improved else ''}")
         if stop:
             log(f"{name}: early stop, no better val macro F1 for {cfg.train.patience} epochs")
             break
@@ -384,7 +414,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     test_probs, _ = evaluate(run.eval_model, test_loader, cfg, device, ctx, desc=f"{name} test")
     result = FoldResult(fold=fold, best_epoch=best_epoch, best_macro_f1=best_f1, epochs_run=len(history))
     if ctx.is_main:
-        write_csv(probs_frame(val_rows["id"], best_val_probs, data.classes), fold_dir / "val_probs.csv")
+        write_csv(probs_frame(validation.ids, best_val_probs, data.classes, crops=validation.crops),
+                  fold_dir / "val_probs.csv")
         write_csv(probs_frame(data.test["id"], test_probs, data.classes), fold_dir / "test_probs.csv")
         write_json({"fingerprint": fingerprint, **result.__dict__}, fold_dir / DONE_FILE)
     barrier(ctx)

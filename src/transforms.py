@@ -23,6 +23,8 @@ def _resize(size: int) -> A.BasicTransform:
 
 def _mimic_resize(cfg: AugmentConfig, size: int) -> A.BasicTransform:
     """Short side to mimic_scale x size, so a size x size crop covers about a quarter of a painting."""
+    if cfg.mimic_scale == "auto":
+        raise ValueError("augment.mimic_scale is still 'auto': resolve it with the data first (resolve_for_data)")
     return A.SmallestMaxSize(max_size=round(size * cfg.mimic_scale), interpolation=cv2.INTER_AREA, strict=True)
 
 
@@ -32,6 +34,9 @@ def _train_crop(cfg: AugmentConfig, size: int) -> list:
         return [A.Resize(big, big, interpolation=cv2.INTER_AREA, strict=True), A.RandomCrop(size, size, strict=True)]
     if cfg.crop == "mimic":
         return [_mimic_resize(cfg, size), A.RandomCrop(size, size, strict=True)]
+    if cfg.crop == "rrc":
+        return [A.RandomResizedCrop(size=(size, size), scale=cfg.rrc_scale, ratio=cfg.rrc_ratio,
+                                    interpolation=cv2.INTER_AREA, strict=True)]
     return [_resize(size)]
 
 
@@ -87,6 +92,7 @@ def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Comp
     Training loaders reseed it for every image (src/loader.py)."""
     aug = cfg.augment
     steps = _train_crop(aug, cfg.input.img_size)
+    steps += [A.HorizontalFlip(p=0.5, strict=True)] if aug.hflip else []
     steps += strong_augmentations() if aug.strong else []
     steps += extra_colour_augmentations() if aug.extra_colour else []
     steps += [SINGLE_AUGMENTATIONS[aug.single]()] if aug.single != "none" else []

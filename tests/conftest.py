@@ -12,9 +12,11 @@ from src.data import load_competition_data
 from src.demo_data import generate_demo_dataset
 from src.errors import UserError
 
-# Small enough for a 2-core CPU: 6 artists, tiny images, one epoch at 48 px, batch 8.
+# Small enough for a 2-core CPU: 6 artists, tiny images, one epoch at 48 px, batch 8. No DataLoader workers: on
+# images this small their start-up costs more than they save, and they never change a result (the tests that are
+# about workers, and the resume test, set train.num_workers=2).
 TINY_RUN = ["--profile", "demo", "input.img_size=48", "train.epochs=1", "train.batch_size=8",
-            "inference.batch_size=32"]
+            "inference.batch_size=32", "train.num_workers=0"]
 
 
 @pytest.fixture(scope="session")

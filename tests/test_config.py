@@ -75,16 +75,23 @@ def test_exp00_is_the_published_baseline():
 
 
 def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
-    """Configs that do not use augment.single, frozen or the image cache keep the fingerprint they had before those
-    keys existed (the values pinned here were computed by commit c677d2d), so finished folds stay valid; using any
-    of them changes it."""
+    """Configs that validate on whole paintings and do not use augment.single, frozen, the image cache, EMA, the
+    fitted schedule or the horizontal flip keep the fingerprint they had before those keys existed (the values
+    pinned here were computed by commit c677d2d), so finished folds stay valid; using any of them changes it, and so
+    does validating on crops (the default since), whose settings count only then."""
+    whole = ["validation.mode=whole"]
     for name, before_the_keys in (("exp00", "d43d66f0704966f7"), ("exp07", "e1e6da487a657f26")):
-        assert result_fingerprint(resolve_config(name, "demo")[0], "data") == before_the_keys
-    base = result_fingerprint(resolve_config("exp00", "demo")[0], "data")
-    for override in ("augment.single=blur", "frozen.classifier=knn", "speed.image_cache=jpg"):
-        assert result_fingerprint(resolve_config("exp00", "demo", [override])[0], "data") != base
-    for override in ("speed.compile=true", "speed.channels_last=false", "speed.cache_dir=/tmp/x"):
-        assert result_fingerprint(resolve_config("exp00", "demo", [override])[0], "data") == base
+        assert result_fingerprint(resolve_config(name, "demo", whole)[0], "data") == before_the_keys
+        assert result_fingerprint(resolve_config(name, "demo")[0], "data") != before_the_keys
+    base = result_fingerprint(resolve_config("exp00", "demo", whole)[0], "data")
+    for override in ("augment.single=blur", "frozen.classifier=knn", "speed.image_cache=jpg", "train.ema_decay=0.99",
+                     "scheduler.fit_cycles=true", "augment.hflip=true", "augment.crop=rrc"):
+        assert result_fingerprint(resolve_config("exp00", "demo", [*whole, override])[0], "data") != base
+    for override in ("speed.compile=true", "speed.channels_last=false", "speed.cache_dir=/tmp/x",
+                     "validation.crops_per_image=8", "augment.rrc_scale=[0.5,1.0]"):
+        assert result_fingerprint(resolve_config("exp00", "demo", [*whole, override])[0], "data") == base
+    crops = result_fingerprint(resolve_config("exp00", "demo")[0], "data")
+    assert result_fingerprint(resolve_config("exp00", "demo", ["validation.crops_per_image=8"])[0], "data") != crops
 
 
 def test_unknown_key_inside_the_optional_frozen_section_is_named():

@@ -11,6 +11,7 @@ from src.data import load_competition_data
 from src.errors import UserError
 from src.features import FEATURE_DIR, build_classifier, cache_path, class_probabilities
 from src.fewshot import PrototypeClassifier, evaluate_episodes
+from src.geometry import resolved, validation_set
 from src.submission import validate_submission
 
 from .conftest import TINY_RUN, run_cli
@@ -21,28 +22,32 @@ def test_frozen_feature_run_writes_a_valid_oof_and_submission(tiny_root, tmp_pat
     assert run_cli("run", "feat01", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
                    *TINY_RUN) == 0
     data = load_competition_data(tiny_root)
+    cfg = resolved(resolve_config("feat01", "demo", TINY_RUN[2:])[0], data)
+    validation = validation_set(cfg, data.train)
     oof = pd.read_csv(outputs / "feat01" / "oof.csv", dtype={"id": str})
-    assert sorted(oof["id"]) == sorted(data.train["id"]) and oof["id"].is_unique
-    assert list(oof.columns[4:]) == data.classes
+    assert list(zip(oof["id"], oof["crop"])) == list(zip(validation.ids, validation.crops))
+    assert list(oof.columns[5:]) == data.classes
     np.testing.assert_allclose(oof[data.classes].sum(axis=1), 1.0, atol=1e-6)
     submission = pd.read_csv(submissions / "feat01.csv", dtype=str, keep_default_na=False)
     validate_submission(submission, data.sample_submission, data.classes)
 
-    # Fold 0's OOF rows are the configured classifier fitted on the other folds' cached features.
-    cfg = resolve_config("feat01", "demo", TINY_RUN[2:])[0]
+    # Fold 0's OOF rows are the configured classifier, fitted on the other folds' cached features of whole
+    # paintings, predicting the cached features of fold 0's validation crops.
     features = np.load(cache_path(cfg, data.train["path"].tolist(), outputs / FEATURE_DIR, test=False))["features"]
-    is_val = (oof.set_index("id").reindex(data.train["id"])["fold"] == 0).to_numpy()
+    crops = np.load(cache_path(cfg, validation.paths, outputs / FEATURE_DIR, test=True,
+                               boxes=validation.boxes))["features"]
+    is_val = (oof.drop_duplicates("id").set_index("id").reindex(data.train["id"])["fold"] == 0).to_numpy()
     classifier = build_classifier(cfg.frozen, seed=cfg.seed).fit(features[~is_val], data.train["label"][~is_val])
-    expected = class_probabilities(classifier, features[is_val], len(data.classes))
-    got = oof.set_index("id").loc[data.train["id"][is_val], data.classes].to_numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    is_val_row = np.isin(validation.ids, data.train["id"][is_val])
+    expected = class_probabilities(classifier, crops[is_val_row], len(data.classes))
+    np.testing.assert_allclose(oof[is_val_row][data.classes].to_numpy(), expected, atol=1e-6)
 
     # Another frozen-feature config reuses the cached features instead of embedding again.
     capsys.readouterr()
     assert run_cli("run", "feat02", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
                    *TINY_RUN) == 0
     out = capsys.readouterr().out
-    assert out.count("features: ") == 2 and "embedded" not in out
+    assert out.count("features: ") == 3 and "embedded" not in out  # train, validation crops, test
     assert (submissions / "feat02.csv").is_file()
 
 

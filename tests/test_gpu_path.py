@@ -17,6 +17,7 @@ from torch import nn
 from src import train
 from src.config import resolve_config
 from src.data import load_competition_data, shared_folds
+from src.geometry import resolved, validation_set
 from src.gpucheck import Predictor, augmentation_batches, check_fold_predictions, fresh_model
 from src.metrics import scores
 from src.optim import SAM, build_optimizer
@@ -60,10 +61,12 @@ def test_fold_files_equal_a_fresh_model_from_best_pt_when_the_best_epoch_is_not_
     assert torch.load(fold_dir / "last.pt", weights_only=True)["epoch"] == 2
     cfg, _ = resolve_config("exp05", "demo", [*TINY_RUN[2:], f"model.backbone={backbone}", "model.pretrained=false"])
     data = load_competition_data(tiny_root, cfg.data.label_fixes, log=lambda _: None)
+    cfg = resolved(cfg, data)
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, tmp_path / "outputs" / "folds")
-    val_rows = data.train[(folds["fold"] == 0).to_numpy()]
+    validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
+    assert validation.are_crops
     model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-    check = check_fold_predictions(Predictor(cfg, model, CPU, tmp_path), data, fold_dir, val_rows, epochs=2)
+    check = check_fold_predictions(Predictor(cfg, model, CPU, tmp_path), data, fold_dir, validation, epochs=2)
     assert check.passed, check.detail
 
 

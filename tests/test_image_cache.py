@@ -80,14 +80,19 @@ def test_a_damaged_entry_counts_as_a_miss_and_is_rewritten(tmp_path):
 
 
 def test_short_side_covers_the_first_resize_of_every_crop_mode():
-    for crop, expected in (("none", 2 * 64), ("random", 3 * 64), ("mimic", round(2.5 * 64))):
-        cfg, _ = resolve_config("exp00", None, [f"augment.crop={crop}", "input.img_size=64",
-                                                "augment.resize_scale=3.0", "augment.mimic_scale=2.5"])
+    """The cached copy never has to be upscaled: by the train crop, nor by the smallest validation crop."""
+    whole = "validation.mode=whole"
+    for crop, expected in (("none", 2 * 64), ("random", 3 * 64), ("mimic", round(2.5 * 64)), ("rrc", 4 * 64)):
+        cfg, _ = resolve_config("exp00", None, [f"augment.crop={crop}", "input.img_size=64", whole,
+                                                "augment.resize_scale=3.0", "augment.mimic_scale=2.5",
+                                                "augment.rrc_scale=[0.0625,1.0]"])
         assert needed_short_side(cfg) == expected
+    cfg, _ = resolve_config("exp00", None, ["input.img_size=64", "validation.crop_area=[0.04,0.3]"])
+    assert needed_short_side(cfg) == 5 * 64  # a crop of 4% of the area spans a fifth of the side
 
 
 def test_a_dataset_gives_the_same_tensors_from_a_cold_and_a_warm_cache(tiny_root, tmp_path):
-    cfg, _ = resolve_config("exp00", "demo", ["input.img_size=32", "speed.image_cache=jpg"])
+    cfg, _ = resolve_config("exp00", "demo", ["input.img_size=32", "speed.image_cache=jpg", "validation.mode=whole"])
     cache = cache_for(cfg, tmp_path)
     assert cache.directory == tmp_path / "cache" / "images" and cache.short_side == 64
     paths = sorted(str(p) for p in (tiny_root / "train").iterdir())[:6]

@@ -53,10 +53,14 @@ TECHNIQUES = {
     "exp14": {"sampler": "inverse_log_count", "loss": FocalLoss, "style": True},
     "exp15": {"sampler": "inverse_log_count", "loss": FocalLoss, "extra_colour": True},
     "exp16": {"crop": "mimic"},
+    "exp17": {"crop": "rrc"},
+    "exp18": {"smoothing": 0.1},
+    "exp19": {"ema": True},
+    "exp20": {"crop": "rrc", "strong": False, "hflip": True, "smoothing": 0.1, "schedule": "cosine"},
 }
 BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",
             "optimizer": torch.optim.Adam, "cutmix": None, "loss": nn.CrossEntropyLoss, "sampler": "none",
-            "style": False, "sam": None, "extra_colour": False}
+            "style": False, "sam": None, "extra_colour": False, "smoothing": 0.0, "ema": False, "hflip": False}
 
 
 def expected_techniques(name: str) -> dict:
@@ -86,9 +90,12 @@ def test_rung_builds_its_techniques(name, tiny_root):
 
     assert isinstance(run.model.head[0], nn.LayerNorm) == (expected["head"] == "mlp")
     names = transform_names(run)
-    assert {"none": "Resize", "random": "RandomCrop", "mimic": "SmallestMaxSize"}[expected["crop"]] in names
+    crop = {"none": "Resize", "random": "RandomCrop", "mimic": "SmallestMaxSize", "rrc": "RandomResizedCrop"}
+    assert crop[expected["crop"]] in names
     assert ("CoarseDropout" in names) == expected["strong"] and ("RandomGamma" in names) == expected["extra_colour"]
-    assert isinstance(run.criterion, expected["loss"])
+    assert ("HorizontalFlip" in names) == (expected["strong"] or expected["hflip"])
+    assert isinstance(run.criterion, expected["loss"]) and run.criterion.label_smoothing == expected["smoothing"]
+    assert (run.ema is not None) == expected["ema"]
     order = run.loader.sampler.order
     if expected["sampler"] == "none":
         assert isinstance(order, RandomSampler)
@@ -100,8 +107,14 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert (run.cutmix.mix_prob if run.cutmix else None) == expected["cutmix"]
     assert cfg.data.style_transfer == expected["style"]
     lr = [run.scheduler.lr_lambdas[0](step) for step in range(3 * len(run.loader) * 2)]
+    floor = cfg.scheduler.min_lr / cfg.optimizer.lr
     if expected["schedule"] == "constant":
         assert set(lr) == {1.0}
+    elif expected["schedule"] == "cosine":  # one cycle over the demo profile's 4 epochs: up, then down to the floor
+        budget = lr[:cfg.train.epochs * len(run.loader)]
+        peak = int(np.argmax(budget))
+        assert budget[0] == pytest.approx(floor) and budget[peak] == pytest.approx(1.0)
+        assert all(a >= b for a, b in zip(budget[peak:], budget[peak + 1:])) and budget[-1] < floor + 0.01
     else:  # the demo profile's 2-epoch cycles restart twice within these 6 epochs, from the floor each time
         cycle = 2 * len(run.loader)
         restarts = [step for step in range(1, len(lr)) if lr[step] < lr[step - 1] and lr[step] == lr[0]]
@@ -118,7 +131,8 @@ def test_style_rung_end_to_end(root_with_style_images, tmp_path, capsys):
     out = tmp_path / "outputs" / name
     oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
     train = pd.read_csv(root_with_style_images / "train.csv", dtype={"id": str})
-    assert sorted(oof["id"]) == sorted(train["id"])  # generated images never reach the OOF
+    assert sorted(oof["id"].unique()) == sorted(train["id"])  # generated images never reach the OOF
+    assert (oof.groupby("id")["crop"].apply(list) == [[0, 1, 2, 3]] * len(train)).all()
     assert (out / "test_probs.csv").is_file() and (tmp_path / "submissions" / f"{name}.csv").is_file()
     # fold k trains on the other folds' paintings plus the generated images neither of whose sources it validates
     style = pd.read_csv(root_with_style_images / STYLE_CSV, dtype=str)

@@ -20,7 +20,9 @@ from src.config import ModelConfig, resolve_config
 from src.data import load_competition_data
 from src.distributed import SINGLE_PROCESS, DistContext, GlooSyncBatchNorm, convert_sync_batchnorm
 from src.errors import UserError
-from src.gpucheck import Predictor, fresh_model
+from src.geometry import resolved, validation_set
+from src.gpucheck import Predictor, fresh_model, predict_validation
+from src.inference import read_probs
 from src.losses import FocalLoss
 from src.models import build_model
 from src.parallel import Job, gpu_slots, run_jobs
@@ -101,7 +103,7 @@ def assert_complete_experiment(root, outputs, submissions, folds: int):
         for name in FOLD_FILES:
             assert (outputs / "exp00" / f"fold{fold}" / name).is_file(), f"fold{fold}/{name} missing"
     oof = pd.read_csv(outputs / "exp00" / "oof.csv", dtype={"id": str})
-    assert oof["id"].is_unique and sorted(oof["id"]) == sorted(data.train["id"])
+    assert not oof.duplicated(["id", "crop"]).any() and sorted(oof["id"].unique()) == sorted(data.train["id"])
     validate_submission(pd.read_csv(submissions / "exp00.csv", dtype={"id": str}), data.sample_submission,
                         data.classes)
 
@@ -139,17 +141,20 @@ def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_ro
                                                          env={"OMP_NUM_THREADS": "1"}))
 
     data = load_competition_data(tiny_root, log=lambda _: None)
-    cfg, _ = resolve_config("exp00", "demo", [*TINY_RUN[2:], "model.pretrained=false"])
+    cfg = resolved(resolve_config("exp00", "demo", [*TINY_RUN[2:], "model.pretrained=false"])[0], data)
     fold_dir = tmp_path / "ddp" / "outputs" / "exp00" / "fold0"
     folds = pd.read_csv(next((tmp_path / "ddp" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
-    val_rows = data.train[(folds["fold"] == 0).to_numpy()]
-    for name in ("val_probs.csv", "test_probs.csv"):
-        gathered = pd.read_csv(fold_dir / name, dtype={"id": str})
-        rows = val_rows if name == "val_probs.csv" else data.test
-        assert gathered["id"].tolist() == rows["id"].tolist()
-        one_process = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
-                                torch.device("cpu"), tmp_path)(rows, test=name == "test_probs.csv")
-        np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process, atol=1e-6)
+    validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
+    one_process = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
+                            torch.device("cpu"), tmp_path)
+    gathered = read_probs(fold_dir / "val_probs.csv")
+    assert list(zip(gathered["id"], gathered["crop"])) == list(zip(validation.ids, validation.crops))
+    np.testing.assert_allclose(gathered[data.classes].to_numpy(), predict_validation(one_process, validation),
+                               atol=1e-6)
+    gathered = pd.read_csv(fold_dir / "test_probs.csv", dtype={"id": str})
+    assert gathered["id"].tolist() == data.test["id"].tolist()
+    np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process(data.test["path"].tolist(), test=True),
+                               atol=1e-6)
     node_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
     assert sorted(p.name for p in node_dir.iterdir()) == sorted(FOLD_FILES)
     for name in ("val_probs.csv", "test_probs.csv"):

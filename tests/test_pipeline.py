@@ -21,16 +21,18 @@ def test_every_fold_writes_its_files(finished_run):
             assert (fold_dir / name).is_file(), f"{fold_dir / name} missing"
         history = pd.read_csv(fold_dir / "history.csv")
         assert list(history.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
-                                         "seconds", "train_images_per_s", "data_wait_share"]
+                                         "val_macro_f1_paintings", "seconds", "train_images_per_s", "data_wait_share"]
         assert history["epoch"].tolist() == [1]
 
 
 def test_oof_covers_every_train_id_once_with_probabilities(finished_run):
     data = load_competition_data(finished_run["root"])
     oof = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})
-    assert list(oof.columns[:4]) == ["id", "fold", "artist", "pred"]
-    assert list(oof.columns[4:]) == data.classes
-    assert sorted(oof["id"]) == sorted(data.train["id"]) and oof["id"].is_unique
+    assert list(oof.columns[:5]) == ["id", "crop", "fold", "artist", "pred"]
+    assert list(oof.columns[5:]) == data.classes
+    assert oof["id"].tolist() == [i for i in data.train["id"] for _ in range(4)]  # 4 validation crops each
+    assert oof["crop"].tolist() == [0, 1, 2, 3] * len(data.train)
+    assert (oof.groupby("id")["fold"].nunique() == 1).all()
     np.testing.assert_allclose(oof[data.classes].sum(axis=1), 1.0, atol=1e-4)
     assert (oof["pred"] == oof[data.classes].idxmax(axis=1)).all()
     assert set(oof["fold"]) == set(range(5))

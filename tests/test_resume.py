@@ -1,6 +1,6 @@
 """A run killed with SIGKILL part-way through a fold resumes and ends exactly where an uninterrupted run does:
 exp11 (random crops and the strong augmentation set, warm restarts, the class-balancing sampler, focal loss,
-CutMix), with two DataLoader workers."""
+CutMix, validation crops) with an EMA of the weights and two DataLoader workers."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ from .conftest import TINY_RUN, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 RANDOM_RUNG = [*TINY_RUN, "train.epochs=3", "train.patience=0", "train.folds=[0]", "train.num_workers=2",
-               "train.cutmix_prob=1.0"]
+               "train.cutmix_prob=1.0", "train.ema_decay=0.99"]
 TIMING = ["seconds", "train_images_per_s", "data_wait_share"]
 
 
@@ -53,6 +53,6 @@ def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tiny_root, tmp_
                                   .drop(columns=TIMING), check_exact=True)
     lrs = history["lr"].tolist()  # at each epoch's start: 2-epoch cycles, so epoch 3 restarts at the floor
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1] and lrs[2] == pytest.approx(5e-6), lrs
-    for name in ("best.pt", "last.pt"):
-        resumed, uninterrupted = (torch.load(d / name, weights_only=True)["model"] for d in (fold, expected))
-        assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), name
+    for name, weights in (("best.pt", "model"), ("best.pt", "raw_model"), ("last.pt", "model"), ("last.pt", "ema")):
+        resumed, uninterrupted = (torch.load(d / name, weights_only=True)[weights] for d in (fold, expected))
+        assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), (name, weights)

@@ -14,6 +14,7 @@ from torch import nn
 
 from src.config import CONFIG_DIR, AugmentConfig, ExperimentConfig, SchedulerConfig, resolve_config
 from src.data import style_images_for_fold
+from src.geometry import CropGeometry, resolve_for_data
 from src.losses import FocalLoss, build_loss
 from src.optim import SAM, build_scheduler, warm_restart_lr
 from src.sampler import build_sampler
@@ -55,7 +56,7 @@ def test_scheduler_steps_per_iteration_through_the_optimizer():
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=PEAK)
     cfg = SchedulerConfig(name="cosine_warm_restarts", cycle_epochs=2, warmup_steps=10, gamma=GAMMA, min_lr=FLOOR)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=50)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=50, epochs=5)
     seen = []
     for _ in range(250):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -175,7 +176,7 @@ def test_style_images_never_train_the_fold_that_validates_their_sources():
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 @pytest.mark.parametrize("profile", [None, "demo"])
 def test_every_augmentation_pipeline_builds_strictly_and_yields_the_input_size(name, profile):
-    cfg: ExperimentConfig = resolve_config(name, profile)[0]
+    cfg: ExperimentConfig = resolve_for_data(resolve_config(name, profile)[0], CropGeometry(0.25, 0.2, 0.3, 1, 1))
     size = cfg.input.img_size
     rng = np.random.default_rng(0)
     pipelines = [build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0), build_eval_transform(cfg, (0.5,) * 3,
