@@ -47,6 +47,19 @@ def load_error(root: Path) -> str:
     return message
 
 
+def assert_picture(path: Path, min_width: int = 400, min_height: int = 250) -> None:
+    """A PNG that decodes to a picture of at least this size with something drawn on it (not one flat colour)."""
+    import cv2
+    import numpy as np
+
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, f"{path} does not decode as an image"
+    height, width = image.shape[:2]
+    assert width >= min_width and height >= min_height, f"{path} is only {width}x{height}"
+    colours = len(np.unique(image.reshape(-1, 3)[:: max(1, width * height // 20000)], axis=0))
+    assert image.std() > 5 and colours > 20, f"{path} is (nearly) blank: {colours} colours"
+
+
 def run_cli(*args: str) -> int:
     return cli_main([str(a) for a in args])
 

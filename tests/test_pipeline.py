@@ -2,16 +2,25 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 
 from src.data import load_competition_data
+from src.experiment import saved_config
+from src.geometry import resolved, validation_set
+from src.gpucheck import Predictor, fresh_model, predict_validation
+from src.inference import read_probs
+from src.metrics import scores
 from src.submission import validate_submission
 
 from .conftest import TINY_RUN, run_cli
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_every_fold_writes_its_files(finished_run):
@@ -60,7 +69,8 @@ def test_resolved_config_records_provenance(finished_run):
     assert saved["name"] == "exp00" and saved["model"]["backbone"] == "tf_efficientnet_lite0"
     assert saved["input"]["img_size"] == 48
     assert saved["run"]["profile"] == "demo"
-    assert len(saved["run"]["git_commit"]) == 40 or saved["run"]["git_commit"] == "unknown"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert saved["run"]["git_commit"] == head and len(head) == 40
     assert saved["run"]["packages"]["torch"].startswith("2.")
     assert saved["run"]["packages"]["timm"].startswith("1.0")
 
@@ -97,10 +107,34 @@ def test_restart_discards_the_finished_folds_and_trains_again(finished_run, tmp_
     assert not (outputs / "exp00" / "oof.csv").exists()  # written again once all five folds are done
 
 
-def test_same_config_and_seed_give_an_identical_oof_on_the_cpu(finished_run, tmp_path):
-    code = run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", tmp_path / "outputs",
-                   "--submissions", tmp_path / "submissions", *TINY_RUN)
-    assert code == 0
-    again = pd.read_csv(tmp_path / "outputs" / "exp00" / "oof.csv", dtype={"id": str})
-    first = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})
-    pd.testing.assert_frame_equal(again, first)
+def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tmp_path, monkeypatch):
+    """Validation macro F1 scripted to 0.5, 0.7, 0.6, 0.65 in every fold, patience 2 of 6 epochs: each fold stops
+    after epoch 4; best.pt holds epoch 2's weights, val_probs.csv epoch 2's probabilities, and the OOF is made of
+    them."""
+    from src import train
+
+    script, recorded = [0.5, 0.7, 0.6, 0.65], []
+
+    def scripted(labels, probs):
+        recorded.append(probs.copy())
+        return {**scores(labels, probs), "macro_f1": script[(len(recorded) - 1) % len(script)]}
+
+    monkeypatch.setattr(train, "scores", scripted)
+    outputs = tmp_path / "outputs"
+    assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", tmp_path / "s",
+                   *TINY_RUN, "data.n_folds=2", "train.epochs=6", "train.patience=2") == 0
+    assert len(recorded) == 8  # 4 epochs in each of the 2 folds
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    cfg = resolved(saved_config(outputs / "exp00"), data)
+    oof = read_probs(outputs / "exp00" / "oof.csv")
+    for fold in (0, 1):
+        fold_dir = outputs / "exp00" / f"fold{fold}"
+        assert pd.read_csv(fold_dir / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+        assert torch.load(fold_dir / "best.pt", weights_only=True)["epoch"] == 2
+        epoch2 = recorded[4 * fold + 1]
+        np.testing.assert_array_equal(read_probs(fold_dir / "val_probs.csv")[data.classes].to_numpy(), epoch2)
+        np.testing.assert_array_equal(oof.loc[oof["fold"] == fold, data.classes].to_numpy(), epoch2)
+        validation = validation_set(cfg, data.train[data.train["id"].isin(oof.loc[oof["fold"] == fold, "id"])])
+        model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
+        np.testing.assert_allclose(predict_validation(Predictor(cfg, model, torch.device("cpu"), tmp_path),
+                                                      validation), epoch2, atol=1e-6)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from src.plots import DUPLICATE_DISTANCE, image_stats
 
-from .conftest import run_cli
+from .conftest import assert_picture, run_cli
 
 
 def test_eda_pairs_an_image_with_its_resized_reencoded_copy_only(data_copy, tmp_path):
@@ -37,7 +37,7 @@ def test_eda_pairs_an_image_with_its_resized_reencoded_copy_only(data_copy, tmp_
     assert len(images) == len(train) + 3 + len(pd.read_csv(data_copy / "test.csv"))
     assert images.loc["9002", "width"] == copy.shape[1] and images.loc["9002", "height"] == copy.shape[0]
     for name in ("class_counts", "image_sizes", "greyscale", "near_duplicates"):
-        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert_picture(out / f"{name}.png")
 
 
 def test_greyscale_flag_follows_the_pixels(tiny_root, tmp_path):

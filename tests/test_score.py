@@ -8,20 +8,21 @@ import yaml
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from src.errors import UserError
-from src.score import ablation_table, class_report, fast_macro_f1, paired_bootstrap, write_ablation
+from src.score import (ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement,
+                       write_ablation)
 
-from .conftest import run_cli
+from .conftest import assert_picture, run_cli
 
 CLASSES = ["Alfred Sisley", "Albrecht Du rer", "Titian", "Claude Monet"]
 
 
-def fake_experiment(outputs, name, parent, probs, labels, folds):
+def fake_experiment(outputs, name, parent, probs, labels, folds, validation=None):
     out = outputs / name
     out.mkdir(parents=True)
     oof = pd.DataFrame({"id": [str(i) for i in range(len(labels))], "fold": folds,
                         "artist": np.asarray(CLASSES)[labels], "pred": np.asarray(CLASSES)[probs.argmax(1)]})
     pd.concat([oof, pd.DataFrame(probs, columns=CLASSES)], axis=1).to_csv(out / "oof.csv", index=False)
-    (out / "config.yaml").write_text(yaml.safe_dump({"name": name, "parent": parent}))
+    (out / "config.yaml").write_text(yaml.safe_dump({"name": name, "parent": parent, "validation": validation}))
 
 
 @pytest.fixture
@@ -83,7 +84,32 @@ def test_delta_against_the_parent_and_files(tmp_path, arrays):
     assert (tmp_path / "ablation.csv").is_file() and "| child | base |" in (tmp_path / "ablation.md").read_text()
     report, *pngs = class_report(tmp_path / "child")  # no fold histories: no training curves
     assert len(pd.read_csv(report)) == 4 and [png.name for png in pngs] == ["per_class_f1.png", "confusion_matrix.png"]
-    assert all(png.read_bytes()[:4] == b"\x89PNG" for png in pngs)
+    for png in pngs:
+        assert_picture(png)
+
+
+CROPS = {"mode": "crops", "crops_per_image": 4, "crop_area": [0.2, 0.3], "seed": 0}
+
+
+def test_a_child_validated_otherwise_than_its_parent_gets_no_delta(tmp_path, arrays):
+    labels, probs, folds = arrays
+    fake_experiment(tmp_path, "whole", None, probs, labels, folds)
+    fake_experiment(tmp_path, "cropped", "whole", probs, labels, folds, validation=CROPS)
+    fake_experiment(tmp_path, "cropped2", "cropped", probs, labels, folds, validation=CROPS)
+    table = ablation_table(tmp_path, ["whole", "cropped", "cropped2"]).set_index("experiment")
+    assert table.loc["whole", "validation"] == "whole paintings"
+    assert table.loc["cropped", "validation"] == "4 crops of 20%-30%"
+    assert np.isnan(table.loc["cropped", "delta_vs_parent"]) and table.loc["cropped2", "delta_vs_parent"] == 0
+
+
+def test_the_table_says_how_well_the_oof_ranks_the_experiments_on_the_test(tmp_path, arrays):
+    """Spearman's rank correlation over the experiments with a test score: OOF order a < b < c against test order
+    c < a < b gives ranks (1, 2, 3) and (2, 3, 1): 1 - 6 * (1 + 1 + 4) / (3 * 8) = -0.5."""
+    table = pd.DataFrame({"validation": ["whole paintings"] * 3, "oof_macro_f1": [0.5, 0.6, 0.7],
+                          "test_macro_f1": [0.4, 0.45, 0.3]})
+    assert rank_agreement(table) == ("Spearman rank correlation of OOF and test macro F1 over the 3 experiments "
+                                     "validated on whole paintings: -0.50")
+    assert rank_agreement(table.head(2)) == ""
 
 
 def test_missing_oof_is_a_clear_error(tmp_path):
@@ -96,4 +122,4 @@ def test_score_command_on_a_finished_run(finished_run, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "| exp00 |" in out
     for name in ("confusion_matrix.png", "per_class_f1.png", "training_curves.png"):
-        assert (finished_run["exp"] / name).read_bytes()[:4] == b"\x89PNG"
+        assert_picture(finished_run["exp"] / name)

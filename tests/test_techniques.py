@@ -102,6 +102,31 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_downweights_confident_exa
     assert isinstance(build_loss(resolve_config("exp07")[0].loss), FocalLoss)
 
 
+def explicit_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> float:
+    """mean over rows of -sum_c t_c (1 - p_c)^gamma log p_c, computed in float64 from its definition."""
+    p = np.exp(logits.double().numpy())
+    p /= p.sum(axis=1, keepdims=True)
+    return float(np.mean(-(targets.double().numpy() * (1 - p) ** gamma * np.log(p)).sum(axis=1)))
+
+
+def test_focal_loss_matches_its_formula_with_hard_smoothed_and_cutmix_targets():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 5) * 2, torch.randint(0, 5, (16,))
+    one_hot = F.one_hot(labels, 5).double()
+    # hard labels: -(1 - p_t)^2 log p_t
+    assert FocalLoss(2.0)(logits, labels).item() == pytest.approx(explicit_focal(logits, one_hot, 2.0), rel=1e-6)
+    # label smoothing 0.1: the targets become 0.9 * one-hot + 0.1 / 5 before the weighting
+    smoothed = one_hot * 0.9 + 0.1 / 5
+    assert FocalLoss(2.0, label_smoothing=0.1)(logits, labels).item() == \
+        pytest.approx(explicit_focal(logits, smoothed, 2.0), rel=1e-6)
+    # CutMix's soft targets: lambda of one artist and 1 - lambda of another
+    lam = torch.rand(16, 1).double()
+    mixed = lam * one_hot + (1 - lam) * F.one_hot(labels.roll(1), 5).double()
+    assert FocalLoss(2.0)(logits, mixed.float()).item() == pytest.approx(explicit_focal(logits, mixed, 2.0), rel=1e-5)
+    assert isinstance(build_loss(resolve_config("exp18")[0].loss), FocalLoss)
+    assert build_loss(resolve_config("exp18")[0].loss).label_smoothing == 0.1
+
+
 @pytest.mark.parametrize("scheme", ["inverse_count", "inverse_log_count"])
 def test_sampler_draws_classes_in_the_configured_proportions(scheme):
     counts = np.array([400, 100, 25])
@@ -152,6 +177,34 @@ def _sam_run(rho: float | None, steps: int = 3):
         else:
             optimizer.step(closure)
     return net
+
+
+def test_one_sam_step_descends_from_the_ascended_point_and_restores_the_weights_first():
+    """w1 = w0 - lr * grad L(w0 + rho * g / ||g||) with g = grad L(w0), over all parameters at once: a wrong ascent
+    (sign, scale, per-parameter norm) or a base step taken from the ascended weights gives another w1."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    lr, rho = 0.1, 0.5
+    w0 = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(F.linear(x, *w0), y), w0)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    ascended = [(w + rho * g / norm).detach().requires_grad_() for w, g in zip(w0, grads)]
+    ascended_grads = torch.autograd.grad(F.cross_entropy(F.linear(x, *ascended), y), ascended)
+    expected = [w.detach() - lr * g for w, g in zip(w0, ascended_grads)]
+
+    optimizer = SAM(net.parameters(), torch.optim.SGD, rho=rho, lr=lr)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss.item() == pytest.approx(F.cross_entropy(F.linear(x, *w0), y).item())  # the loss at w0
+    for got, want in zip(net.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
 
 
 def test_sam_takes_two_forward_backward_passes_per_step():
