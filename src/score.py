@@ -41,12 +41,14 @@ def paired_bootstrap(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray,
     rng = np.random.default_rng(seed)
     groups = np.arange(len(y_true)) if groups is None else groups
     _, inverse = np.unique(groups, return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(inverse.max() + 2))
+    order = np.argsort(inverse, kind="stable")  # the rows of group g are order[starts[g]:starts[g] + sizes[g]]
+    sizes = np.bincount(inverse)
+    starts = np.cumsum(sizes) - sizes
     diffs = np.empty(samples)
     for i in range(samples):
-        chosen = rng.integers(0, len(bounds) - 1, len(bounds) - 1)
-        idx = order[np.concatenate([np.arange(bounds[g], bounds[g + 1]) for g in chosen])]
+        lengths = sizes[chosen := rng.integers(0, len(sizes), len(sizes))]
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        idx = order[np.repeat(starts[chosen], lengths) + offsets]
         diffs[i] = (fast_macro_f1(y_true[idx], pred_a[idx], n_classes)
                     - fast_macro_f1(y_true[idx], pred_b[idx], n_classes))
     low, high = np.percentile(diffs, [2.5, 97.5])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -100,15 +101,22 @@ def test_label_fixes_correct_rows_and_skip_absent_ids(data_copy):
 
 
 def test_folds_are_stratified_and_identical_across_runs(tiny_root, tmp_path):
+    """The shared folds are scikit-learn's StratifiedKFold(5, shuffle, seed 42) on the labels as distributed,
+    written once and read back by every later run."""
+    from sklearn.model_selection import StratifiedKFold
+
     data = load_competition_data(tiny_root)
     first = shared_folds(data, 5, 42, tmp_path / "folds")
     again = shared_folds(data, 5, 42, tmp_path / "folds")
+    expected = np.empty(len(data.train), dtype=int)
+    splits = StratifiedKFold(5, shuffle=True, random_state=42).split(np.zeros(len(data.train)), data.train["artist"])
+    for fold, (_, rows) in enumerate(splits):
+        expected[rows] = fold
+    assert (first["fold"].to_numpy() == expected).all() and (again["fold"].to_numpy() == expected).all()
     fresh = make_folds(data.train["id"], data.train["artist"], 5, 42)
-    assert (first["fold"].to_numpy() == again["fold"].to_numpy()).all()
-    assert (first["fold"].to_numpy() == fresh).all()
     per_class = pd.crosstab(first["artist"], first["fold"])
     assert (per_class.max(axis=1) - per_class.min(axis=1) <= 1).all()
-    assert len(list((tmp_path / "folds").glob("*.csv"))) == 1
+    assert len(list((tmp_path / "folds").glob("*.csv"))) == 1 and (fresh == expected).all()
     other_seed = make_folds(data.train["id"], data.train["artist"], 5, 7)
     assert not (other_seed == fresh).all()
 
