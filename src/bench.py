@@ -31,10 +31,8 @@ from .image_cache import ImageCache, needed_short_side
 from .io_utils import write_text
 from .loader import ImageDataset, make_loader
 from .models import build_model, normalisation
-from .runtime import (autocast, autocast_dtype, available_cores, select_device, synchronize, to_device,
-                      worker_count)
-from .train import (EpochStats, Training, build_training, prepare_model, train_one_epoch, train_step,
-                    uses_channels_last)
+from .runtime import autocast, autocast_dtype, available_cores, select_device, synchronize, to_device, worker_count
+from .train import EpochStats, Training, build_training, prepare_model, train_one_epoch, train_step, uses_channels_last
 from .transforms import build_train_transform
 from .tta import with_tta
 

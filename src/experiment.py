@@ -19,11 +19,11 @@ from .data import CompetitionData, shared_folds
 from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
 from .errors import UserError
 from .features import FEATURE_DIR, FrozenFeatureFolds
+from .geometry import measure_test_geometry, resolve_for_data, validation_set
 from .image_cache import cache_for
 from .inference import predict_probs, probs_frame, read_probs
 from .io_utils import write_csv, write_yaml
 from .loader import ImageDataset
-from .geometry import measure_test_geometry, resolve_for_data, validation_set
 from .metrics import painting_scores, scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
 from .runtime import precision_record, select_device, worker_count

@@ -22,15 +22,23 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .data import CompetitionData, style_images_for_fold
-from .distributed import (SINGLE_PROCESS, DistContext, all_gather, barrier, convert_sync_batchnorm, gather_shards,
-                          shard, sync_buffers)
+from .distributed import (
+    SINGLE_PROCESS,
+    DistContext,
+    all_gather,
+    barrier,
+    convert_sync_batchnorm,
+    gather_shards,
+    shard,
+    sync_buffers,
+)
 from .errors import UserError
+from .geometry import validation_set
 from .image_cache import ImageCache
 from .inference import predict_probs, probs_frame
 from .io_utils import save_torch, write_csv, write_json
 from .loader import ImageDataset, make_loader
 from .losses import build_loss
-from .geometry import validation_set
 from .metrics import painting_scores, scores
 from .models import build_model, load_checkpoint, load_weights, normalisation, read_checkpoint
 from .optim import SAM, build_optimizer, build_scheduler, schedule_note

@@ -104,6 +104,7 @@ def test_truncated_jpeg_stops_when_read(tmp_path):
         read_image(str(path))
 
 
+@pytest.mark.slow
 def test_truncated_jpeg_read_by_a_worker_stops_the_run_with_one_line_and_keeps_finished_folds(data_copy, tmp_path,
                                                                                                capsys):
     args = ["run", "exp00", "--data", data_copy, "--outputs", tmp_path / "outputs", "--submissions",
@@ -178,6 +179,7 @@ def test_image_over_the_pixel_limit_stops_before_decoding(data_copy, bomb_png, m
     assert f"{MAX_PIXELS_ENV}='lots'" in load_error(data_copy)
 
 
+@pytest.mark.slow
 def test_image_over_the_pixel_limit_from_the_command_line(data_copy, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(MAX_PIXELS_ENV, "1000")  # the tiny demo images are 64..112 px a side
     code = run_cli("run", "exp00", "--data", data_copy, "--outputs", tmp_path / "o", "--submissions",
@@ -317,6 +319,7 @@ def test_unreadable_checkpoint(tmp_path):
         load_checkpoint(tiny_model(3), path, ["A", "B", "C"], "test_efficientnet")
 
 
+@pytest.mark.slow
 def test_loss_that_is_not_finite_stops_training():
     """The loop reads its losses once every CHECK_EVERY steps; the message still names the first bad step and the
     learning rate that step used."""

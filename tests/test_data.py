@@ -1,7 +1,6 @@
 """Loading the competition layout: each bad input stops with one line naming the file, line and problem."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -121,6 +120,7 @@ def test_folds_are_stratified_and_identical_across_runs(tiny_root, tmp_path):
     assert not (other_seed == fresh).all()
 
 
+@pytest.mark.slow
 def test_command_line_gives_one_line_and_nonzero_exit(data_copy, tmp_path, capsys):
     rewrite(data_copy / "train.csv", lambda df: df.drop(columns=["img_path"]))
     code = run_cli("run", "exp00", "--data", data_copy, "--outputs", tmp_path / "o", "--submissions", tmp_path / "s",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.demo_data import (ARTIST_COUNTS, DEMO_MARKER, demo_counts, generate_demo_dataset, main)
+from src.demo_data import ARTIST_COUNTS, DEMO_MARKER, demo_counts, generate_demo_dataset, main
 from src.errors import UserError
 
 SMALL = dict(scale=0.02, min_per_artist=4, n_artists=6, min_side=128, max_side=192)
@@ -193,6 +193,7 @@ def test_rejects_bad_arguments(tmp_path, bad):
         generate_demo_dataset(tmp_path, **bad)
 
 
+@pytest.mark.slow
 def test_command_line_prints_one_summary_line(tmp_path, capsys):
     main(["--root", str(tmp_path / "cli"), "--seed", "3", "--scale", "0.01", "--n-artists", "2",
           "--min-per-artist", "3", "--min-side", "64", "--max-side", "96"])

@@ -165,6 +165,7 @@ def test_rotating_tta_refuses_non_square_inputs():
     assert with_tta(Symmetric(), "flips")(torch.rand(2, 3, 8, 12)).shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_tta_and_ensemble_commands_end_to_end(finished_run, tmp_path, monkeypatch):
     from src import ensemble, experiment
 

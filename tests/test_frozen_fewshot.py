@@ -17,6 +17,7 @@ from src.submission import validate_submission
 from .conftest import TINY_RUN, run_cli
 
 
+@pytest.mark.slow
 def test_frozen_feature_run_writes_a_valid_oof_and_submission(tiny_root, tmp_path, capsys):
     outputs, submissions = tmp_path / "outputs", tmp_path / "submissions"
     assert run_cli("run", "feat01", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
@@ -51,6 +52,7 @@ def test_frozen_feature_run_writes_a_valid_oof_and_submission(tiny_root, tmp_pat
     assert (submissions / "feat02.csv").is_file()
 
 
+@pytest.mark.slow
 def test_tta_of_a_frozen_feature_experiment_is_refused(tiny_root, tmp_path, capsys):
     outputs = tmp_path / "outputs"
     (outputs / "feat01").mkdir(parents=True)

@@ -47,6 +47,7 @@ def first_epoch_best(monkeypatch) -> None:
     monkeypatch.setattr(train, "scores", declining)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["tiny_vit_5m_224", "tf_efficientnet_lite0"])
 def test_fold_files_equal_a_fresh_model_from_best_pt_when_the_best_epoch_is_not_the_last(
         backbone, tiny_root, tmp_path, monkeypatch):
@@ -82,6 +83,7 @@ def test_workers_augment_every_image_and_epoch_differently_and_like_a_loader_wit
     assert all(torch.equal(a, b) for a, b in zip(with_workers, without))
 
 
+@pytest.mark.slow
 def test_a_run_with_two_workers_equals_a_run_without(tiny_root, tmp_path):
     outputs = {workers: run_fold0(tiny_root, tmp_path / f"w{workers}", "exp02", f"train.num_workers={workers}")
                / "fold0" for workers in (0, 2)}
@@ -92,6 +94,7 @@ def test_a_run_with_two_workers_equals_a_run_without(tiny_root, tmp_path):
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
+@pytest.mark.slow
 def test_workers_run_opencv_single_threaded_without_deadlocking_after_the_parent_used_its_pool(tmp_path):
     """Limiting OpenCV inside a worker (worker_init_fn) hangs once the parent has used OpenCV's thread pool; the
     loader sets the limit around the fork instead. Run in a subprocess so a hang fails the test, not the suite."""
@@ -139,6 +142,7 @@ def test_precision_on_the_cpu_and_named_dtypes():
     assert precision_record(True, "float16", CPU)["grad_scaler"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path, monkeypatch):
     seen = []
@@ -163,6 +167,7 @@ def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path
     assert bool(scaler) == (dtype == "float16") and (not scaler or scaler["scale"] > 0)
 
 
+@pytest.mark.slow
 def test_a_resume_with_an_empty_or_foreign_scaler_state_starts_a_fresh_scaler(tiny_root):
     data = load_competition_data(tiny_root, log=lambda _: None)
     notes = []
@@ -207,6 +212,7 @@ def tiny_training(cfg, batches, optimizer_name: str = "sgd") -> Training:
                     torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None)
 
 
+@pytest.mark.slow
 def test_the_loop_reads_its_losses_once_every_check_not_every_step(monkeypatch):
     cfg, _ = resolve_config("exp00", "demo")
     generator = torch.Generator().manual_seed(0)
@@ -220,6 +226,7 @@ def test_the_loop_reads_its_losses_once_every_check_not_every_step(monkeypatch):
     assert reads.count <= 3 * (steps // CHECK_EVERY + 1), f"{reads.count} host reads in {steps} steps"
 
 
+@pytest.mark.slow
 def test_the_epoch_loss_is_the_image_weighted_mean_of_the_step_losses():
     cfg, _ = resolve_config("exp00", "demo")
     batches = [(torch.full((n, 3, 2, 2), float(n)), torch.zeros(n, dtype=torch.long)) for n in (1, 3)]
@@ -249,8 +256,10 @@ def test_gpucheck_without_cuda_says_so_in_one_line_and_exits_0(tmp_path, capsys)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_gpucheck_walks_its_checks_on_the_cpu_at_a_tiny_geometry(tiny_root, tmp_path, capsys):
-    assert run_cli("gpucheck", "--device", "cpu", "--data", tiny_root, "--outputs", tmp_path, "--steps", "2", "model.backbone=tiny_vit_5m_224", "input.img_size=48", "train.batch_size=8",
+    assert run_cli("gpucheck", "--device", "cpu", "--data", tiny_root, "--outputs", tmp_path, "--steps", "2",
+                   "model.backbone=tiny_vit_5m_224", "input.img_size=48", "train.batch_size=8",
                    "inference.batch_size=32", "train.num_workers=2") == 0
     report = (tmp_path / "gpucheck" / "report.md").read_text()
     checks = [line for line in report.splitlines() if "| PASS |" in line or "| FAIL |" in line]

@@ -77,6 +77,7 @@ def transform_names(run) -> list[str]:
     return [type(t).__name__ for t in run.loader.dataset.transform.transforms]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LADDER)
 def test_rung_builds_its_techniques(name, tiny_root):
     """Each rung's technique is in the model, loss, sampler, optimiser, schedule, CutMix and transforms that the
@@ -121,6 +122,7 @@ def test_rung_builds_its_techniques(name, tiny_root):
         assert restarts == [cycle, 2 * cycle] and lr[0] == pytest.approx(cfg.scheduler.min_lr / cfg.optimizer.lr)
 
 
+@pytest.mark.slow
 def test_style_rung_end_to_end(root_with_style_images, tmp_path, capsys):
     """exp12 (sampler, focal, CutMix, style transfer) over all 5 folds: the OOF and the submission, and the fold
     rule for generated images."""
@@ -148,6 +150,7 @@ def test_style_rung_end_to_end(root_with_style_images, tmp_path, capsys):
     assert dropped >= len(style)  # each image's style source is validated by some fold, which must skip it
 
 
+@pytest.mark.slow
 def test_sam_rung_trains_a_fold(tiny_root, tmp_path):
     """SAM takes its own path through the loop (a closure, two forward-backward passes a step)."""
     assert run_cli("run", "exp10", "--data", tiny_root, "--outputs", tmp_path / "outputs", "--submissions",
@@ -155,6 +158,7 @@ def test_sam_rung_trains_a_fold(tiny_root, tmp_path):
     assert (tmp_path / "outputs" / "exp10" / "fold0" / "done.json").is_file()
 
 
+@pytest.mark.slow
 def test_style_rung_without_images_stops_with_instructions(tiny_root, tmp_path, capsys):
     code = run_cli("run", "exp09", "--data", tiny_root, "--outputs", tmp_path / "o", "--submissions", tmp_path / "s",
                    *TINY_RUN)
@@ -163,6 +167,7 @@ def test_style_rung_without_images_stops_with_instructions(tiny_root, tmp_path, 
     assert "style_transfer.csv" in err[0] and "bash run.sh style" in err[0]
 
 
+@pytest.mark.slow
 def test_ladder_runs_in_turn_and_reports_failures(tiny_root, tmp_path, capsys):
     code = run_cli("ladder", "exp01", "exp09", "--data", tiny_root, "--outputs", tmp_path / "o",
                    "--submissions", tmp_path / "s", *TINY_RUN)
@@ -183,6 +188,7 @@ def test_ladder_patterns_name_configs_under_configs(tmp_path):
         expand_experiments(["nothing_*"], tmp_path)
 
 
+@pytest.mark.slow
 def test_ladder_expands_the_unexpanded_shell_glob(tiny_root, tmp_path, capsys):
     """`bash run.sh ladder aug_*` reaches the CLI as the literal 'aug_*' when nothing in the current folder matches;
     here every matched config fails fast (an unknown backbone), which shows each was run in turn."""

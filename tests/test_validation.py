@@ -22,7 +22,6 @@ from src.transforms import build_train_transform
 
 from .conftest import run_cli
 
-
 # --- the test geometry ------------------------------------------------------------------------------------------
 
 def test_the_crop_share_is_recovered_from_sizes_alone():
@@ -60,6 +59,7 @@ def test_on_the_demo_data_the_geometry_recovers_the_generators_crops(tiny_root):
     assert cfg.validation.crop_area == pytest.approx((geometry.area_share_low, geometry.area_share_high), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_eda_prints_the_test_geometry(tiny_root, tmp_path, capsys):
     assert run_cli("eda", "--data", tiny_root, "--outputs", tmp_path) == 0
     assert "eda: test geometry: a test image covers about" in capsys.readouterr().out
@@ -107,6 +107,7 @@ def test_the_painting_level_score_averages_each_paintings_crops():
     assert painting_scores(ids, labels, probs) == scores(np.array([0, 1, 1]), means)
 
 
+@pytest.mark.slow
 def test_a_fold_validates_on_crops_and_keeps_the_painting_level_beside(finished_run):
     """exp00's demo run: val_probs.csv holds 4 crops of every validation painting; the best epoch's crop-level
     and painting-level scores in history.csv are those of val_probs.csv."""
@@ -163,6 +164,7 @@ def tiny_training(cfg, batches, ema) -> Training:
                     average.module)
 
 
+@pytest.mark.slow
 def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
     """After every optimiser step the average becomes d_t * average + (1 - d_t) * weights, with timm's warm-up
     d_t = min(decay, 1 - (1 + t - 1)^(-2/3)) (0 at the first step, so it starts at the first step's weights)."""
@@ -184,6 +186,7 @@ def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
     assert run.predictor is run.ema_eval_model
 
 
+@pytest.mark.slow
 def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(tiny_root, tmp_path):
     assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path, "--submissions", tmp_path / "s",
                    "--profile", "demo", "input.img_size=32", "train.epochs=1", "train.batch_size=8",
