@@ -9,6 +9,10 @@
 #   bash run.sh eda [--data DIR]                                                     pictures of the data (outputs/eda)
 #   bash run.sh tta exp07 [--mode hflip|flips|d4]                                    TTA run of a finished experiment
 #   bash run.sh ensemble ens01                                                       vote over finished experiments
+#   bash run.sh predict exp07 --data DIR [--tta hflip|flips|d4] [--out FILE]         predict from saved fold checkpoints
+#   bash run.sh export exp07|ens01 [--precision auto|fp32|fp16]                      offline bundle (folder + .zip)
+#   bash run.sh tune exp00 --trials 20 [--space basic --folds 0 --timeout S]         Optuna search (configs/tune/)
+#   bash run.sh board [exp00 exp07 ...] [--port 6006]                                TensorBoard over outputs/*/tb
 #   bash run.sh bench [--backbone NAME --img-size N --batch B]                       images/s, speed switches
 #   bash run.sh gpucheck [--data DIR] [key=value ...]                                GPU acceptance run (CUDA)
 #   bash run.sh test [pytest args]                                                   run the test suite
@@ -48,7 +52,7 @@ PY="$(pick_python)"
 shift || true
 case "$command" in
   test) exec "$PY" -m pytest -q tests "$@" ;;
-  demo-data|ladder|score|tta|ensemble|bench|gpucheck|fewshot|eda|style) exec "$PY" -m src.cli "$command" "$@" ;;
+  demo-data|ladder|score|tta|ensemble|predict|export|tune|board|bench|gpucheck|fewshot|eda|style) exec "$PY" -m src.cli "$command" "$@" ;;
   *)
     if [ -f "configs/$command.yaml" ]; then exec "$PY" -m src.cli run "$command" "$@"; fi
     echo "error: unknown command or experiment '$command' (see: bash run.sh help)" >&2

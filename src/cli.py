@@ -1,5 +1,5 @@
-"""Command line behind run.sh: run, ladder, tta, ensemble, score, bench, fewshot, eda, style and demo-data
-(python -m src.cli --help)."""
+"""Command line behind run.sh: run, ladder, tta, ensemble, score, predict, export, tune, board, bench, fewshot, eda,
+style and demo-data (python -m src.cli --help)."""
 from __future__ import annotations
 
 import argparse
@@ -263,7 +263,8 @@ def command_ensemble(args: argparse.Namespace) -> None:
                 "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
                out_dir / "config.yaml")
     if fitted:
-        log(f"{args.name}: fitted weights per fold {fitted['weights_per_fold']}, for test {fitted['test_weights']}")
+        log(f"{args.name}: fitted weights per fold {fitted['weights_per_fold']}, for test "
+            f"{[round(weight, 4) for weight in fitted['test_weights']]}")
     publish(args.name, out_dir, oof, test_probs, data, Path(args.submissions), started, log)
 
 
@@ -369,6 +370,59 @@ def command_gpucheck(args: argparse.Namespace) -> None:
         raise UserError("gpucheck: a check failed (FAIL above); see outputs/gpucheck/report.md")
 
 
+def command_predict(args: argparse.Namespace) -> None:
+    from .predict import run_predict
+
+    out = Path(args.out) if args.out else Path(args.submissions) / f"{args.name}-predict.csv"
+    run_predict(Path(args.outputs), args.name, Path(args.data), out, args.tta,
+                Path(args.cache_dir) if args.cache_dir else None, log=log)
+
+
+def command_export(args: argparse.Namespace) -> None:
+    from .predict import run_export
+
+    outputs = Path(args.outputs)
+    run_export(outputs, args.name, Path(args.data) if args.data else None, args.precision,
+               Path(args.out) if args.out else outputs / "export", log=log)
+
+
+def command_tune(args: argparse.Namespace) -> None:
+    from .data import load_competition_data
+    from .tune import run_tune, space_path
+
+    cfg, profile = resolve_announced(args.experiment, args)
+    data = load_competition_data(resolve_data_root(args.data), cfg.data.label_fixes, log=log,
+                                 style_transfer=cfg.data.style_transfer)
+    run_tune(args.experiment, space_path(args.space), args.trials, args.folds, args.timeout, data,
+             Path(args.outputs), profile, list(args.overrides),
+             Path(args.best_config) if args.best_config else None, " ".join(["bash run.sh tune", *sys.argv[2:]]),
+             log=log)
+
+
+def board_command(outputs: Path, experiments: list[str], port: int) -> list[str]:
+    """TensorBoard over every experiment's tb/ folder under `outputs` (or the named ones)."""
+    if experiments:
+        missing = [name for name in experiments if not (outputs / name / "tb").is_dir()]
+        if missing:
+            raise UserError(f"no TensorBoard logs for {', '.join(missing)} ({outputs / missing[0] / 'tb'} does not "
+                            "exist); run the experiment with tracking.tensorboard=true (the default)")
+        logdir = ["--logdir_spec", ",".join(f"{name}:{outputs / name / 'tb'}" for name in experiments)]
+    else:
+        logdir = ["--logdir", str(outputs)]
+    return [sys.executable, "-m", "tensorboard.main", *logdir, "--port", str(port)]
+
+
+def command_board(args: argparse.Namespace) -> None:
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("board needs the package tensorboard; run: pip install tensorboard==2.21.0")
+    command = board_command(Path(args.outputs), args.experiments, args.port)
+    log(f"TensorBoard on http://localhost:{args.port} (Ctrl+C stops it): {' '.join(command[1:])}")
+    subprocess.run(command, check=False)
+
+
 def command_style(args: argparse.Namespace) -> None:
     from .data import load_competition_data
     from .style_transfer import PUBLISHED_LAYERS, StyleSettings, generate_style_images
@@ -402,7 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--episodes", type=int, default=600)
     fewshot.add_argument("--seed", type=int, default=0)
     fewshot.set_defaults(handler=command_fewshot)
-    for command in (run, ladder, fewshot):
+    tune = sub.add_parser("tune", help="Optuna search over config keys (configs/tune/*.yaml): TPE, median pruning "
+                          "per epoch, a study in OUTPUTS/tune/ that a rerun resumes, the best delta as a new config",
+                          epilog=epilog)
+    tune.add_argument("experiment", help="config to tune, e.g. exp00 (the best config names it as its parent)")
+    tune.add_argument("--space", default="basic", help="search space: a name under configs/tune/ or a .yaml path "
+                      "(default: basic)")
+    tune.add_argument("--trials", type=int, required=True, help="finished trials the study should hold; a rerun "
+                      "with a higher number goes on")
+    tune.add_argument("--folds", type=int, nargs="+", default=[0], help="folds every trial trains (default: 0)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--best-config", help="where the best delta goes (default: configs/EXP_SPACE_tuned.yaml)")
+    tune.set_defaults(handler=command_tune)
+    for command in (run, ladder, fewshot, tune):
         command.add_argument("--data", help="data root holding train.csv etc. (default: inputs/, else the demo data)")
         command.add_argument("--profile", default="auto",
                              help="profile under configs/profiles/ ('auto': demo without CUDA; 'none': no profile)")
@@ -466,6 +532,34 @@ def build_parser() -> argparse.ArgumentParser:
     style.add_argument("--style-weight", type=float, default=3.0)
     style.add_argument("--seed", type=int, default=0, help="chooses the style and content sources")
     style.set_defaults(handler=command_style)
+    predict = sub.add_parser("predict", help="predict a test set from an experiment's (or ensemble's) saved fold "
+                             "checkpoints; no training data needed")
+    predict.add_argument("name", help="experiment, TTA run or ensemble with a folder under OUTPUTS")
+    predict.add_argument("--data", required=True, help="folder with test.csv (id, img_path; sample_submission.csv "
+                         "when there is one), or a folder of images (ids: file names without extension)")
+    predict.add_argument("--tta", choices=["none", "hflip", "flips", "d4"], help="test-time augmentation (default: "
+                         "none, or the TTA run's own)")
+    predict.add_argument("--out", help="submission to write (default: SUBMISSIONS/NAME-predict.csv); the "
+                         "probabilities go beside it as NAME_probs.csv")
+    predict.add_argument("--cache-dir", help="image cache, for experiments that use one (default: "
+                         "OUTPUTS/cache/images)")
+    predict.add_argument("--submissions", default=str(REPO / "submissions"))
+    predict.set_defaults(handler=command_predict)
+    export = sub.add_parser("export", help="one folder and .zip with the fold weights, configs, code and a predict.py "
+                            "that runs offline (a Kaggle dataset for an offline kernel)")
+    export.add_argument("name", help="experiment, TTA run or ensemble with a folder under OUTPUTS")
+    export.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                        help="auto: float16 weights where they change no test probability by more than 1e-3, else "
+                        "float32")
+    export.add_argument("--data", help="test images the float16 check predicts (default: the experiment's data root)")
+    export.add_argument("--out", help="folder for NAME/ and NAME.zip (default: OUTPUTS/export)")
+    export.set_defaults(handler=command_export)
+    board = sub.add_parser("board", help="TensorBoard over the experiments' tb/ folders")
+    board.add_argument("experiments", nargs="*", help="experiments to show (default: everything under OUTPUTS)")
+    board.add_argument("--port", type=int, default=6006)
+    board.set_defaults(handler=command_board)
+    for command in (predict, export, board):
+        command.add_argument("--outputs", default=str(REPO / "outputs"))
     demo = sub.add_parser("demo-data", help="generate the built-in procedural demo dataset")
     demo.add_argument("--root", default=str(DEMO_ROOT))
     demo.add_argument("--seed", type=int, default=0)
@@ -520,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiments = [name for name in args.experiments if "=" not in name]
     args.overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in args.overrides]
-    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench", "fewshot", "gpucheck")):
+    if unknown or (args.overrides and args.command not in ("run", "ladder", "bench", "fewshot", "gpucheck", "tune")):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
         args.handler(args)

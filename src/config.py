@@ -25,7 +25,9 @@ PROFILE_DIR = CONFIG_DIR / "profiles"
 # Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
 NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "inference.batch_size",
                    "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
-                   "speed.persistent_workers", "speed.cache_dir")
+                   "speed.persistent_workers", "speed.cache_dir", "tracking.tensorboard", "tracking.wandb",
+                   "tracking.wandb_project", "tracking.wandb_mode", "tracking.mlflow", "tracking.mlflow_uri",
+                   "tracking.mlflow_experiment")
 # Keys added after results existed, with the value at which they change nothing: at that value they stay out of
 # the fingerprint, so folds finished before the key existed remain valid.
 NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
@@ -203,6 +205,20 @@ class FrozenConfig(_Strict):
     mlp_max_iter: int = Field(500, ge=1)
 
 
+class TrackingConfig(_Strict):
+    """Where a run's metrics go besides history.csv (src/tracking.py). None of it changes what a fold learns."""
+    tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
+    wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
+    wandb_project: str = "artist-classification"
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: run files under OUTPUTS/EXP/wandb, sent later with `wandb sync`; online: "
+        "needs `wandb login` or WANDB_API_KEY")
+    mlflow: bool = Field(False, description="one MLflow run per experiment (package mlflow-skinny)")
+    mlflow_uri: Optional[str] = Field(None, description="tracking URI (http://host:5000, sqlite:///path.db, a "
+                                      "folder); null = the file store OUTPUTS/mlruns")
+    mlflow_experiment: str = "artist-classification"
+
+
 class ExperimentConfig(_Strict):
     name: str
     parent: Optional[str] = None
@@ -220,6 +236,7 @@ class ExperimentConfig(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     frozen: Optional[FrozenConfig] = Field(None, description="when set: frozen features + scikit-learn classifier")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def _read_yaml(path: Path) -> dict:
@@ -317,8 +334,10 @@ def _validate(data: dict, source: str) -> ExperimentConfig:
 
 
 def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional[list[str]] = None,
-                   config_dir: Path = CONFIG_DIR) -> tuple[ExperimentConfig, dict[str, tuple[Any, Any]]]:
-    """Resolve an experiment; also return what the profile changed, as {dotted key: (before, after)}."""
+                   config_dir: Path = CONFIG_DIR, override_source: str = "command-line override"
+                   ) -> tuple[ExperimentConfig, dict[str, tuple[Any, Any]]]:
+    """Resolve an experiment; also return what the profile changed, as {dotted key: (before, after)}. An unknown key
+    among the overrides is named as coming from `override_source` (e.g. a tuning space file)."""
     data = _resolve_chain(name, config_dir)
     profile_changes: dict[str, tuple[Any, Any]] = {}
     if profile:
@@ -334,7 +353,7 @@ def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional
         profile_changes = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     if overrides:
         override_data = parse_overrides(overrides)
-        _check_keys(override_data, ExperimentConfig, "command-line override")
+        _check_keys(override_data, ExperimentConfig, override_source)
         data = deep_merge(data, override_data)
     return _validate(data, f"configs/{name}.yaml (resolved)"), profile_changes
 

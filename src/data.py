@@ -37,6 +37,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 # warn, or fail with a traceback above twice its limit, before the scan sees the size.
 Image.MAX_IMAGE_PIXELS = None
 RESTORE = "restore the file or remove the row"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -239,6 +240,56 @@ def style_images_for_fold(style: pd.DataFrame, val_ids: set[str]) -> pd.DataFram
     return style[~leaks]
 
 
+def _check_sample_ids(test: pd.DataFrame, sample: pd.DataFrame, test_path: Path) -> None:
+    missing = sorted(set(sample["id"]) - set(test["id"]))
+    extra = sorted(set(test["id"]) - set(sample["id"]))
+    if missing or extra:
+        detail = "; ".join(part for part in (
+            f"{len(missing)} ids of sample_submission.csv not in test.csv (e.g. {missing[0]})" if missing else "",
+            f"{len(extra)} ids of test.csv not in sample_submission.csv (e.g. {extra[0]})" if extra else "",
+        ) if part)
+        raise UserError(f"{test_path}: test ids differ from sample_submission.csv: {detail}; "
+                        "use the two files as distributed")
+
+
+@dataclass
+class TestSet:
+    """Images to predict without any training data: test.csv's rows (with sample_submission.csv when there is
+    one), or every image of a plain folder (ids = file stems)."""
+    root: Path
+    images: pd.DataFrame  # id, img_path, path, width, height
+    sample_submission: Optional[pd.DataFrame]
+
+
+def load_test_set(root: str | os.PathLike, log: Callable[[str], None] = print) -> TestSet:
+    """The test set under `root`, each image checked as on load (found, readable, under the pixel limit)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data {root}: not a folder; give a folder with test.csv or with the images to predict")
+    test_path = root / "test.csv"
+    sample = None
+    if test_path.is_file():
+        images = read_csv(test_path, TEST_COLUMNS, log)
+        _check_ids(images, test_path)
+        if (root / "sample_submission.csv").is_file():
+            sample = read_csv(root / "sample_submission.csv", SUBMISSION_COLUMNS, log)
+            _check_ids(sample, root / "sample_submission.csv")
+            _check_sample_ids(images, sample, test_path)
+    else:
+        names = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise UserError(f"--data {root}: no test.csv and no images ({', '.join(IMAGE_SUFFIXES)}) in it; give "
+                            "the folder holding test.csv or the images")
+        images = pd.DataFrame({"id": [Path(name).stem for name in names], "img_path": names})
+        twice = images[images["id"].duplicated(keep=False)]
+        if len(twice):
+            raise UserError(f"--data {root}: {twice['img_path'].iloc[0]} and {twice['img_path'].iloc[1]} have the "
+                            "same id (an image's id is its file name without the extension); rename one")
+    listed_in = test_path if test_path.is_file() else root
+    images[["path", "width", "height"]] = _resolve_images(images, listed_in, root)
+    return TestSet(root, images.reset_index(drop=True), sample)
+
+
 def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[int, str]] = None,
                           log: Callable[[str], None] = print, style_transfer: bool = False) -> CompetitionData:
     root = Path(root)
@@ -257,15 +308,7 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
         raise UserError(f"{train_path} line {line_of(empty_label[0])}: empty artist label; "
                         "fill it in or remove the row")
     _check_label_spellings(train, train_path)
-    missing = sorted(set(sample["id"]) - set(test["id"]))
-    extra = sorted(set(test["id"]) - set(sample["id"]))
-    if missing or extra:
-        detail = "; ".join(part for part in (
-            f"{len(missing)} ids of sample_submission.csv not in test.csv (e.g. {missing[0]})" if missing else "",
-            f"{len(extra)} ids of test.csv not in sample_submission.csv (e.g. {extra[0]})" if extra else "",
-        ) if part)
-        raise UserError(f"{test_path}: test ids differ from {sample_path.name}: {detail}; "
-                        "use the two files as distributed")
+    _check_sample_ids(test, sample, test_path)
     classes = sorted(train["artist"].unique())
     for note in _apply_label_fixes(train, label_fixes or {}, classes):
         log(note)

@@ -130,7 +130,8 @@ def build_ensemble(cfg: EnsembleConfig, outputs: Path) -> tuple[pd.DataFrame, pd
             oof_scores[held_out] = combine(oof_probs[:, held_out], weights, cfg.method)
             per_fold[int(fold)] = weights.round(4).tolist()
         test_weights = fit_weights(oof_probs, labels, cfg.method, cfg.seed)
-        fitted = {"weights_per_fold": per_fold, "test_weights": test_weights.round(4).tolist()}
+        # the test weights unrounded: `predict` combines the members' test probabilities with them again
+        fitted = {"weights_per_fold": per_fold, "test_weights": test_weights.tolist()}
     else:
         test_weights = np.ones(len(cfg.members)) if cfg.weights is None else np.asarray(cfg.weights)
         oof_scores = combine(oof_probs, test_weights, cfg.method)

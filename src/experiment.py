@@ -3,6 +3,7 @@ the same config and data are kept), then the OOF table, the fold-averaged test p
 submission. Also the TTA re-prediction of a finished experiment, published the same way."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -26,11 +27,15 @@ from .io_utils import write_csv, write_yaml
 from .loader import ImageDataset
 from .metrics import painting_scores, scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
+from .plots import plot_training_curves
 from .runtime import precision_record, select_device, worker_count
 from .submission import submission_from_probs, write_submission
+from .tracking import NO_TRACKING, Tracker, open_trackers
 from .train import DONE_FILE, eval_loader, prepare_model, train_fold, uses_channels_last
 from .transforms import build_eval_transform
 from .tta import with_tta
+
+FOLD_RESULT_KEYS = ("best_macro_f1", "best_epoch", "epochs_run")  # what a fold's done.json tells the trackers
 
 
 def fold_status(fold_dir: Path, fingerprint: str) -> str:
@@ -71,30 +76,54 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
 
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
                    extra_info: dict[str, Any], restart: bool = False,
-                   log: Callable[[str], None] = print, ctx: DistContext = SINGLE_PROCESS) -> dict[str, float]:
+                   log: Callable[[str], None] = print, ctx: DistContext = SINGLE_PROCESS,
+                   out_dir: Path | None = None, on_epoch: Callable[[int, dict], None] | None = None
+                   ) -> dict[str, float]:
     """Train the configured folds (fine-tuning, or a classifier on frozen features when cfg.frozen is set); once
     all folds are done write oof.csv, test_probs.csv and the submission. Under DDP every rank runs this; rank 0
-    alone writes files and publishes."""
+    alone writes files, reports to the trackers (cfg.tracking) and publishes. `out_dir` (default OUTPUTS/NAME)
+    holds the experiment's files; the folds and the image cache stay shared under `outputs`. `on_epoch(fold,
+    history row)` is called after every epoch (see train_fold)."""
     started = time.time()
-    out_dir = outputs / cfg.name
+    out_dir = out_dir or outputs / cfg.name
     geometry = measure_test_geometry(data.train, data.test)
     cfg = resolve_for_data(cfg, geometry)
     log(geometry.summary())
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
     device = device_for(ctx)
+    tracker = open_trackers(cfg, out_dir, outputs) if ctx.is_main else NO_TRACKING
     if ctx.is_main:
         if restart and out_dir.exists():
             shutil.rmtree(out_dir)
             log(f"--restart: removed {out_dir}")
-        write_yaml({**cfg.model_dump(mode="json"),
+        resolved = {**cfg.model_dump(mode="json"),
                     "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
                             "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
                             "result_fingerprint": fingerprint, "processes": ctx.world_size,
                             "precision": precision_record(cfg.train.amp, cfg.train.amp_dtype, device),
-                            "test_geometry": geometry.summary()}},
-                   out_dir / "config.yaml")
+                            "test_geometry": geometry.summary()}}
+        write_yaml(resolved, out_dir / "config.yaml")
         shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+        if tracker.where:
+            log(f"tracking: {tracker.where}")
     barrier(ctx)
+    try:
+        if ctx.is_main:
+            tracker.start(resolved)
+        result = _train_and_publish(cfg, data, outputs, out_dir, submissions, fingerprint, device, started, log,
+                                    ctx, tracker, on_epoch)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            tracker.close()
+        raise
+    tracker.close()
+    return result
+
+
+def _train_and_publish(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, out_dir: Path,
+                       submissions: Path, fingerprint: str, device, started: float, log: Callable[[str], None],
+                       ctx: DistContext, tracker: Tracker,
+                       on_epoch: Callable[[int, dict], None] | None) -> dict[str, float]:
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     image_cache = cache_for(cfg, outputs)
     if cfg.frozen and ctx.enabled:
@@ -115,7 +144,10 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         if frozen:
             frozen.fit_fold(folds, fold, fold_dir, fingerprint)
         else:
-            train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx)
+            train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx, tracker, on_epoch)
+        if ctx.is_main:
+            done = json.loads((fold_dir / DONE_FILE).read_text())
+            tracker.fold_end(fold, {key: done[key] for key in FOLD_RESULT_KEYS if key in done})
 
     if not ctx.is_main:
         return {}
@@ -124,8 +156,11 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
             f"{cfg.data.n_folds} folds are done")
         return {}
-    return publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
-                   mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
+    result = publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
+                     mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
+    curves = plot_training_curves(out_dir) if tracker.keeps_files else None
+    tracker.experiment_end(result, [submissions / f"{cfg.name}.csv", out_dir / "oof.csv", *filter(None, [curves])])
+    return result
 
 
 def publish(name: str, out_dir: Path, oof: pd.DataFrame, test_probs: pd.DataFrame, data: CompetitionData,

@@ -44,6 +44,7 @@ from .models import build_model, load_checkpoint, load_weights, normalisation, r
 from .optim import SAM, build_optimizer, build_scheduler, schedule_note
 from .runtime import autocast, autocast_dtype, seed_everything, synchronize, to_device, worker_count
 from .sampler import build_sampler
+from .tracking import NO_TRACKING, Tracker
 from .transforms import build_eval_transform, build_train_transform
 
 DONE_FILE = "done.json"
@@ -317,8 +318,12 @@ def evaluate(model: nn.Module, loader, cfg: ExperimentConfig, device: torch.devi
 
 def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame, fold: int, fold_dir: Path,
                device: torch.device, fingerprint: str, log: Callable[[str], None] = print,
-               image_cache: ImageCache | None = None, ctx: DistContext = SINGLE_PROCESS) -> FoldResult:
+               image_cache: ImageCache | None = None, ctx: DistContext = SINGLE_PROCESS,
+               tracker: Tracker = NO_TRACKING, on_epoch: Callable[[int, dict], None] | None = None) -> FoldResult:
     """Train one fold and write best.pt, last.pt, history.csv, val_probs.csv, test_probs.csv, done.json.
+
+    After each epoch's files are written, `tracker` (rank 0) gets the epoch's history row, then `on_epoch(fold,
+    row)` runs on every rank; it may raise to end the fold there (a tuning trial's pruning), leaving last.pt.
 
     A last.pt saved with the same config and data resumes the fold after its epoch, with model, optimiser,
     scheduler, scaler, history and every random stream restored, so it ends exactly where an uninterrupted run
@@ -405,11 +410,14 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
                         "best_val_probs": torch.from_numpy(best_val_probs), "finished": stop,
                         "rng": rng_states}, last_path)
             write_csv(pd.DataFrame(history), fold_dir / "history.csv")
+            tracker.epoch(fold, history[-1])
         raw_note = f" (raw weights {record['val_macro_f1_raw']:.4f})" if run.ema is not None else ""
         log(f"{name} epoch {epoch}/{cfg.train.epochs}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  "
             f"val macro F1 {val['macro_f1']:.4f}{raw_note}  paintings {record['val_macro_f1_paintings']:.4f}  "
             f"acc {val['accuracy']:.4f}  lr {lr:.2e}  {history[-1]['train_images_per_s']:,.0f} images/s  "
             f"{time.time() - started:.0f}s{'  *best*' if improved else ''}")
+        if on_epoch is not None:
+            on_epoch(fold, history[-1])
         if stop:
             log(f"{name}: early stop, no better val macro F1 for {cfg.train.patience} epochs")
             break

@@ -1,0 +1,190 @@
+"""Predict from saved fold checkpoints with no training data, and the offline export: unzipped into an empty folder
+and run with the network blocked, it predicts what the experiment itself wrote to test_probs.csv."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src import predict
+from src.submission import validate_submission
+
+from .conftest import run_cli
+
+BLOCK_NETWORK = '''import socket
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("network blocked by the test")
+
+
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+socket.getaddrinfo = _refuse
+'''
+
+
+def without_train_data(root: Path, work: Path) -> Path:
+    """The test half of a data root: test.csv, sample_submission.csv and the test images, no train data."""
+    target = work / "test-only"
+    shutil.copytree(root / "test", target / "test")
+    for name in ("test.csv", "sample_submission.csv"):
+        shutil.copy2(root / name, target / name)
+    return target
+
+
+def models_only(exp: Path, outputs: Path) -> Path:
+    """An experiment's resolved config and fold checkpoints, nothing else (no OOF, no last.pt, no history)."""
+    target = outputs / exp.name
+    for fold in range(5):
+        (target / f"fold{fold}").mkdir(parents=True)
+        shutil.copy2(exp / f"fold{fold}" / "best.pt", target / f"fold{fold}" / "best.pt")
+    shutil.copy2(exp / "config.yaml", target / "config.yaml")
+    return outputs
+
+
+def probabilities(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"id": str}).set_index("id")
+
+
+def test_predict_from_checkpoints_equals_the_experiments_test_probs(finished_run, tmp_path):
+    outputs = models_only(finished_run["exp"], tmp_path / "outputs")
+    data = without_train_data(finished_run["root"], tmp_path)
+    out = tmp_path / "sub.csv"
+    assert run_cli("predict", "exp00", "--data", data, "--outputs", outputs, "--out", out) == 0
+    expected = probabilities(finished_run["exp"] / "test_probs.csv")
+    got = probabilities(tmp_path / "sub_probs.csv")
+    assert got.index.tolist() == expected.index.tolist()
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-6)
+    submission = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert submission.equals(pd.read_csv(finished_run["submissions"] / "exp00.csv", dtype=str, keep_default_na=False))
+
+
+def test_predict_a_plain_folder_of_images(finished_run, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    test = pd.read_csv(finished_run["root"] / "test.csv", dtype=str)
+    for row in test.head(3).itertuples():
+        shutil.copy2(finished_run["root"] / row.img_path, folder / f"{row.id}{Path(row.img_path).suffix}")
+    out = tmp_path / "folder.csv"
+    assert run_cli("predict", "exp00", "--data", folder, "--outputs", finished_run["outputs"], "--out", out) == 0
+    submission = pd.read_csv(out, dtype=str)
+    assert submission["id"].tolist() == sorted(test["id"].head(3))
+    expected = probabilities(finished_run["exp"] / "test_probs.csv").loc[submission["id"]]
+    np.testing.assert_allclose(probabilities(tmp_path / "folder_probs.csv").to_numpy(), expected.to_numpy(),
+                               atol=1e-6)
+    assert submission["artist"].tolist() == expected.idxmax(axis=1).tolist()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / f"{test['id'][0]}.png").write_bytes((folder / f"{test['id'][0]}.jpg").read_bytes())
+    capsys.readouterr()
+    assert run_cli("predict", "exp00", "--data", folder, "--outputs", finished_run["outputs"], "--out", out) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --data {folder}: {test['id'][0]}.jpg and {test['id'][0]}.png have the same id (an image's id is "
+        "its file name without the extension); rename one")
+
+
+def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experiment(finished_run, tmp_path):
+    export = tmp_path / "export"
+    assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", export, "--precision", "fp32") == 0
+    unpacked = tmp_path / "kaggle" / "input"
+    unpacked.mkdir(parents=True)
+    with zipfile.ZipFile(export / "exp00.zip") as archive:
+        archive.extractall(unpacked)
+    names = sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
+    assert {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/predict.py", "configs/exp00.yaml",
+            "models/exp00/config.yaml", *(f"models/exp00/fold{k}/best.pt" for k in range(5))} <= set(names)
+    assert not [name for name in names if name.endswith(("last.pt", ".csv")) or "__pycache__" in name]
+    manifest = json.loads((unpacked / "manifest.json").read_text())["members"]["exp00"]
+    checkpoint = torch.load(unpacked / "models/exp00/fold0/best.pt", weights_only=True)
+    assert set(checkpoint) == {"model", "classes", "backbone", "epoch", "val_macro_f1"}
+    assert manifest["weights"] == "float32"
+    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
+
+    blocker = tmp_path / "no-network"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_NETWORK)
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "network blocked by the test" in probe.stderr
+    working = tmp_path / "kaggle" / "working"
+    working.mkdir()
+    data = without_train_data(finished_run["root"], tmp_path)
+    done = subprocess.run([sys.executable, str(unpacked / "predict.py"), "--data", str(data)], cwd=working, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "network blocked" not in done.stderr and "Error fetching" not in done.stderr, "it tried the network"
+    expected = probabilities(finished_run["exp"] / "test_probs.csv")
+    got = probabilities(working / "submission_probs.csv")
+    np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-6)
+    submission = pd.read_csv(working / "submission.csv", dtype=str, keep_default_na=False)
+    sample = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
+    validate_submission(submission, sample, list(expected.columns))
+
+
+def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkeypatch, capsys):
+    assert predict.FP16_TOLERANCE == 1e-3
+    monkeypatch.setattr(predict, "FP16_TOLERANCE", 1.0)  # the tiny one-epoch models move by about 1e-3
+    assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", tmp_path / "loose") == 0
+    member = json.loads((tmp_path / "loose" / "exp00" / "manifest.json").read_text())["members"]["exp00"]
+    change = member["max_probability_change_fp16"]
+    assert member["weights"] == "float16" and 0 < change < 1
+    checkpoint = torch.load(tmp_path / "loose/exp00/models/exp00/fold0/best.pt", weights_only=True)
+    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert "in float16 (float16 changes a probability by at most" in capsys.readouterr().out
+    out = tmp_path / "half.csv"
+    assert run_cli("predict", "exp00", "--data", without_train_data(finished_run["root"], tmp_path), "--outputs",
+                   tmp_path / "loose/exp00/models", "--out", out) == 0
+    expected = probabilities(finished_run["exp"] / "test_probs.csv")
+    moved = np.abs(probabilities(tmp_path / "half_probs.csv").loc[expected.index].to_numpy() - expected.to_numpy())
+    assert moved.max() == pytest.approx(change, abs=1e-5), "the recorded change is what the bundle's output moves"
+
+    monkeypatch.undo()  # the real limit, 1e-3, against a change just above it
+    monkeypatch.setattr(predict, "half_precision_change", lambda *args: 1.1e-3)
+    assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", tmp_path / "strict") == 0
+    member = json.loads((tmp_path / "strict" / "exp00" / "manifest.json").read_text())["members"]["exp00"]
+    assert member["weights"] == "float32" and member["max_probability_change_fp16"] == 1.1e-3
+    assert "5 fold checkpoints in float32 (float16 changes a probability by at most 1.1e-03 on 26 test images; " \
+        "limit 0.001)" in capsys.readouterr().out
+
+
+def test_an_ensemble_with_a_tta_member_exports_and_predicts_its_own_test_probs(finished_run, tmp_path, monkeypatch):
+    from src import ensemble
+
+    outputs = tmp_path / "outputs"
+    shutil.copytree(finished_run["outputs"] / "folds", outputs / "folds")
+    shutil.copytree(finished_run["exp"], outputs / "exp00", ignore=shutil.ignore_patterns("last.pt", "tb"))
+    args = ["--data", finished_run["root"], "--outputs", outputs, "--submissions", tmp_path / "submissions"]
+    assert run_cli("tta", "exp00", "--mode", "hflip", *args) == 0
+    (tmp_path / "duo.yaml").write_text("members: [exp00, exp00-tta-hflip]\nmethod: soft\nweights: fit\n")
+    monkeypatch.setattr(ensemble, "ENSEMBLE_DIR", tmp_path)
+    assert run_cli("ensemble", "duo", *args) == 0
+    assert run_cli("export", "duo", "--outputs", outputs, "--out", tmp_path / "export", "--precision", "fp32") == 0
+    bundle = tmp_path / "export" / "duo"
+    assert sorted(p.name for p in (bundle / "models").iterdir()) == ["duo", "exp00", "exp00-tta-hflip"]
+    shutil.rmtree(outputs / "exp00")  # the bundle alone predicts
+    out = tmp_path / "duo.csv"
+    assert run_cli("predict", "duo", "--data", without_train_data(finished_run["root"], tmp_path), "--outputs",
+                   bundle / "models", "--out", out) == 0
+    expected = probabilities(outputs / "duo" / "test_probs.csv")
+    np.testing.assert_allclose(probabilities(tmp_path / "duo_probs.csv").loc[expected.index].to_numpy(),
+                               expected.to_numpy(), atol=1e-6)
+
+
+def test_predict_names_what_is_missing(tmp_path, capsys):
+    (tmp_path / "outputs").mkdir()
+    capsys.readouterr()
+    assert run_cli("predict", "nothere", "--data", tmp_path, "--outputs", tmp_path / "outputs") == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'outputs' / 'nothere' / 'config.yaml'} not found; "
+                                               "run nothere first (bash run.sh nothere), or point --outputs at the "
+                                               "folder that holds it")
