@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_sc
 from .errors import UserError
 from .inference import read_probs
 from .io_utils import write_csv, write_text
-from .metrics import painting_scores, solution_f1
+from .metrics import painting_scores
 
 BOOTSTRAP_SAMPLES = 1000
 
@@ -85,15 +85,18 @@ def describe_validation(validation: dict) -> str:
     return f"{validation['crops_per_image']} crops of {low:.0%}-{high:.0%}"
 
 
-def _test_f1(out_dir: Path, classes: list[str], config: dict) -> Optional[float]:
-    """Test macro F1 against solution.csv (demo data only)."""
+def _test_predictions(out_dir: Path, classes: list[str], config: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(true, predicted) class indices of the test images in solution.csv's order (demo data only); an artist of
+    solution.csv that the experiment does not know gets index len(classes)."""
     data_root = config.get("run", {}).get("data_root")
     probs_path = out_dir / "test_probs.csv"
     if not data_root or not (Path(data_root) / "solution.csv").is_file() or not probs_path.is_file():
         return None
-    probs = pd.read_csv(probs_path, dtype={"id": str})
     solution = pd.read_csv(Path(data_root) / "solution.csv", dtype=str)
-    return solution_f1(probs["id"], probs[classes].idxmax(axis=1), solution)
+    probs = pd.read_csv(probs_path, dtype={"id": str}).set_index("id").reindex(solution["id"])
+    index = {name: i for i, name in enumerate(classes)}
+    truth = solution["artist"].map(index).fillna(len(classes)).astype(int).to_numpy()
+    return truth, probs[classes].to_numpy().argmax(axis=1)
 
 
 def experiment_scores(oof: pd.DataFrame, classes: list[str]) -> dict[str, float]:
@@ -115,7 +118,7 @@ def experiment_scores(oof: pd.DataFrame, classes: list[str]) -> dict[str, float]
 
 def ablation_table(outputs: Path, names: list[str]) -> pd.DataFrame:
     """One row per experiment: scores, and the change against its parent with a paired bootstrap interval."""
-    rows, loaded = [], {}
+    rows, loaded, test_predictions = [], {}, {}
     for name in names:
         loaded[name] = read_oof(outputs / name)
     for name in names:
@@ -123,9 +126,13 @@ def ablation_table(outputs: Path, names: list[str]) -> pd.DataFrame:
         config = read_run_config(outputs / name)
         parent = config.get("parent")
         validation = validation_of(config)
+        test = _test_predictions(outputs / name, classes, config)
+        if test is not None:
+            test_predictions[name] = test
         row = {"experiment": name, "parent": parent or "", "validation": describe_validation(validation),
                **experiment_scores(oof, classes), "delta_vs_parent": np.nan, "delta_ci_low": np.nan,
-               "delta_ci_high": np.nan, "test_macro_f1": _test_f1(outputs / name, classes, config)}
+               "delta_ci_high": np.nan,
+               "test_macro_f1": None if test is None else fast_macro_f1(*test, len(classes) + 1)}
         if parent and (outputs / parent / "oof.csv").is_file() and \
                 validation_of(read_run_config(outputs / parent)) == validation:
             parent_oof, parent_classes = loaded.get(parent) or read_oof(outputs / parent)
@@ -144,7 +151,9 @@ def ablation_table(outputs: Path, names: list[str]) -> pd.DataFrame:
             row["delta_ci_low"], row["delta_ci_high"] = paired_bootstrap(y_true, pred, parent_pred, len(classes),
                                                                          groups=oof["id"].to_numpy())
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["test_predictions"] = test_predictions  # for rank_agreement's interval
+    return table
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -166,17 +175,45 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def rank_agreement(table: pd.DataFrame) -> str:
     """How well the OOF ranks these experiments against the test: Spearman's rank correlation between OOF macro F1
-    and test macro F1, over the experiments that have both (demo data: solution.csv), per validation kind."""
+    and test macro F1, over the experiments that have both (demo data: solution.csv), per validation kind. When
+    the table holds the test predictions, a 95% interval over resamples of the test images says how much of the
+    disagreement the test's own sampling noise could explain."""
     from scipy.stats import spearmanr
 
     lines = []
     scored = table.dropna(subset=["test_macro_f1"])
+    predictions = table.attrs.get("test_predictions", {})
     for validation, rows in scored.groupby("validation", sort=False):
         if len(rows) >= 3 and rows["oof_macro_f1"].nunique() > 1 and rows["test_macro_f1"].nunique() > 1:
             rho = spearmanr(rows["oof_macro_f1"], rows["test_macro_f1"]).statistic
-            lines.append(f"Spearman rank correlation of OOF and test macro F1 over the {len(rows)} experiments "
-                         f"validated on {validation}: {rho:+.2f}")
+            line = (f"Spearman rank correlation of OOF and test macro F1 over the {len(rows)} experiments "
+                    f"validated on {validation}: {rho:+.2f}")
+            tests = [predictions.get(name) for name in rows.get("experiment", [])]
+            if tests and all(test is not None and np.array_equal(test[0], tests[0][0]) for test in tests):
+                low, high = resampled_rank_interval(rows["oof_macro_f1"].to_numpy(), tests)
+                line += (f" (95% interval over resamples of the {len(tests[0][0])} test images: "
+                         f"{low:+.2f} to {high:+.2f})")
+            lines.append(line)
     return "\n".join(lines)
+
+
+def resampled_rank_interval(oof_f1: np.ndarray, tests: list[tuple[np.ndarray, np.ndarray]],
+                            samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% interval of Spearman(OOF F1, test F1) when the test images are resampled with replacement, the same
+    resample for every experiment (`tests`: each experiment's (true, predicted) class indices, same images)."""
+    from scipy.stats import spearmanr
+
+    truth = tests[0][0]
+    n_classes = int(max(max(t.max(), p.max()) for t, p in tests)) + 1
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(samples):
+        idx = rng.integers(0, len(truth), len(truth))
+        test_f1 = [fast_macro_f1(truth[idx], pred[idx], n_classes) for _, pred in tests]
+        if len(set(test_f1)) > 1:
+            rhos.append(spearmanr(oof_f1, test_f1).statistic)
+    low, high = np.percentile(rhos, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def class_report(out_dir: Path) -> list[Path]:

@@ -57,6 +57,7 @@ def probabilities(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"id": str}).set_index("id")
 
 
+@pytest.mark.slow
 def test_predict_from_checkpoints_equals_the_experiments_test_probs(finished_run, tmp_path):
     outputs = models_only(finished_run["exp"], tmp_path / "outputs")
     data = without_train_data(finished_run["root"], tmp_path)
@@ -70,6 +71,7 @@ def test_predict_from_checkpoints_equals_the_experiments_test_probs(finished_run
     assert submission.equals(pd.read_csv(finished_run["submissions"] / "exp00.csv", dtype=str, keep_default_na=False))
 
 
+@pytest.mark.slow
 def test_predict_a_plain_folder_of_images(finished_run, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -93,6 +95,7 @@ def test_predict_a_plain_folder_of_images(finished_run, tmp_path, capsys):
         "its file name without the extension); rename one")
 
 
+@pytest.mark.slow
 def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experiment(finished_run, tmp_path):
     export = tmp_path / "export"
     assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", export, "--precision", "fp32") == 0
@@ -132,6 +135,7 @@ def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experime
     validate_submission(submission, sample, list(expected.columns))
 
 
+@pytest.mark.slow
 def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkeypatch, capsys):
     assert predict.FP16_TOLERANCE == 1e-3
     monkeypatch.setattr(predict, "FP16_TOLERANCE", 1.0)  # the tiny one-epoch models move by about 1e-3
@@ -158,6 +162,7 @@ def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkey
         "limit 0.001)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_ensemble_with_a_tta_member_exports_and_predicts_its_own_test_probs(finished_run, tmp_path, monkeypatch):
     from src import ensemble
 

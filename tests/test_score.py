@@ -8,7 +8,15 @@ import yaml
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from src.errors import UserError
-from src.score import ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement, write_ablation
+from src.score import (
+    ablation_table,
+    class_report,
+    fast_macro_f1,
+    paired_bootstrap,
+    rank_agreement,
+    resampled_rank_interval,
+    write_ablation,
+)
 
 from .conftest import assert_picture, run_cli
 
@@ -110,6 +118,29 @@ def test_the_table_says_how_well_the_oof_ranks_the_experiments_on_the_test(tmp_p
     assert rank_agreement(table) == ("Spearman rank correlation of OOF and test macro F1 over the 3 experiments "
                                      "validated on whole paintings: -0.50")
     assert rank_agreement(table.head(2)) == ""
+
+
+def test_the_rank_interval_follows_the_test_noise():
+    """Three experiments right on 10, 50 and 90 of 100 test images: every resample keeps their order, so the
+    interval is +1 to +1. When the last two differ by one image each (image 49 for one, 60 for the other), a
+    resample that draws image 49 more often than 60 swaps them (Spearman +0.5), one that draws them equally often
+    ties them (+0.87): the interval then runs from +0.5 to +1."""
+    truth = np.arange(100) % 4
+
+    def right_on(images):
+        pred = (truth + 1) % 4
+        pred[list(images)] = truth[list(images)]
+        return truth, pred
+
+    oof = np.array([0.5, 0.6, 0.7])
+    a, b, c = right_on(range(10)), right_on(range(50)), right_on(range(90))
+    assert resampled_rank_interval(oof, [a, b, c], samples=200) == (1.0, 1.0)
+    assert resampled_rank_interval(oof, [a, b, right_on([*range(49), 60])], samples=200) == (0.5, 1.0)
+    table = pd.DataFrame({"experiment": ["a", "b", "c"], "validation": ["whole paintings"] * 3,
+                          "oof_macro_f1": oof, "test_macro_f1": [0.1, 0.5, 0.9]})
+    table.attrs["test_predictions"] = {"a": a, "b": b, "c": c}
+    assert rank_agreement(table).endswith("whole paintings: +1.00 (95% interval over resamples of the 100 test "
+                                          "images: +1.00 to +1.00)")
 
 
 def test_missing_oof_is_a_clear_error(tmp_path):

@@ -53,6 +53,7 @@ def oof_scores(exp_dir: Path, root: Path) -> dict[str, float]:
     return scores(labels, oof[data.classes].to_numpy())
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_every_fold_epoch_like_history_and_the_oof_score_as_hparams(finished_run):
     exp = finished_run["exp"]
     for fold in range(5):
@@ -112,6 +113,7 @@ def finished_copy(finished_run, work: Path, keep_fold0: bool = True) -> Path:
     return outputs
 
 
+@pytest.mark.slow
 def test_wandb_offline_and_mlflow_hold_the_same_metrics_as_history(finished_run, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -163,6 +165,7 @@ def test_wandb_offline_and_mlflow_hold_the_same_metrics_as_history(finished_run,
                                                                         "training_curves.png"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, package, install", [("wandb", "wandb", "wandb==0.31.0"),
                                                    ("mlflow", "mlflow", "mlflow-skinny==3.17.2"),
                                                    ("tensorboard", "tensorboard", "tensorboard==2.21.0")])
@@ -180,6 +183,7 @@ def test_a_missing_tracker_package_stops_with_one_line_and_keeps_finished_folds(
     assert all(path.stat().st_mtime_ns == when for path, when in before.items())
 
 
+@pytest.mark.slow
 def test_an_unreachable_mlflow_server_stops_with_one_line_and_keeps_finished_folds(finished_run, tmp_path, capsys):
     outputs = finished_copy(finished_run, tmp_path)
     before = {path: path.stat().st_mtime_ns for path in (outputs / "exp00").glob("fold*/*")}
@@ -195,6 +199,7 @@ def test_an_unreachable_mlflow_server_stops_with_one_line_and_keeps_finished_fol
     assert not (outputs / "exp00" / "oof.csv").exists()
 
 
+@pytest.mark.slow
 def test_board_shows_all_experiments_or_the_named_ones(finished_run):
     outputs = finished_run["outputs"]
     assert board_command(outputs, [], 6006)[-4:] == ["--logdir", str(outputs), "--port", "6006"]

@@ -32,6 +32,7 @@ prune_from_epoch: 1
 SCRIPTED = [0.5, 0.6, 0.7, 0.8, 0.1]
 
 
+@pytest.mark.slow
 def test_tune_runs_trials_prunes_resumes_and_writes_the_best_config(tiny_root, tmp_path, monkeypatch, capsys):
     calls = []
 
