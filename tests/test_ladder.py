@@ -57,6 +57,7 @@ TECHNIQUES = {
     "exp18": {"smoothing": 0.1},
     "exp19": {"ema": True},
     "exp20": {"crop": "rrc", "strong": False, "hflip": True, "smoothing": 0.1, "schedule": "cosine"},
+    "exp21": {"crop": "mimic"},
 }
 BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",
             "optimizer": torch.optim.Adam, "cutmix": None, "loss": nn.CrossEntropyLoss, "sampler": "none",

@@ -124,7 +124,8 @@ def test_the_rank_interval_follows_the_test_noise():
     """Three experiments right on 10, 50 and 90 of 100 test images: every resample keeps their order, so the
     interval is +1 to +1. When the last two differ by one image each (image 49 for one, 60 for the other), a
     resample that draws image 49 more often than 60 swaps them (Spearman +0.5), one that draws them equally often
-    ties them (+0.87): the interval then runs from +0.5 to +1."""
+    ties them (+0.87): the interval then runs from +0.5 to +1. Independent resamples per experiment would swap
+    even experiments right on nested sets of images."""
     truth = np.arange(100) % 4
 
     def right_on(images):
@@ -136,6 +137,9 @@ def test_the_rank_interval_follows_the_test_noise():
     a, b, c = right_on(range(10)), right_on(range(50)), right_on(range(90))
     assert resampled_rank_interval(oof, [a, b, c], samples=200) == (1.0, 1.0)
     assert resampled_rank_interval(oof, [a, b, right_on([*range(49), 60])], samples=200) == (0.5, 1.0)
+    # the same resample for every experiment: right on a superset of b's images, c never falls below b
+    low, high = resampled_rank_interval(oof, [a, b, right_on(range(51))], samples=200)
+    assert low == pytest.approx(np.sqrt(3) / 2) and high == 1.0
     table = pd.DataFrame({"experiment": ["a", "b", "c"], "validation": ["whole paintings"] * 3,
                           "oof_macro_f1": oof, "test_macro_f1": [0.1, 0.5, 0.9]})
     table.attrs["test_predictions"] = {"a": a, "b": b, "c": c}
