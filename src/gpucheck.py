@@ -63,7 +63,7 @@ class Check:
         return f"| {self.name} | {'PASS' if self.passed else 'FAIL'} | {self.detail} |"
 
 
-class Predictor:
+class PreparedModel:
     """A model prepared as the trainer prepares its evaluation model (speed switches, compiled once), predicting
     rows through the trainer's evaluation loader and autocast."""
 
@@ -94,11 +94,11 @@ def fresh_model(cfg: ExperimentConfig, n_classes: int, checkpoint: Path | None =
     return model
 
 
-def predict_validation(predict: Predictor, validation: ValidationSet) -> np.ndarray:
+def predict_validation(predict: PreparedModel, validation: ValidationSet) -> np.ndarray:
     return predict(validation.paths, test=validation.are_crops, boxes=validation.boxes)
 
 
-def check_fold_predictions(predict: Predictor, data: CompetitionData, fold_dir: Path, validation: ValidationSet,
+def check_fold_predictions(predict: PreparedModel, data: CompetitionData, fold_dir: Path, validation: ValidationSet,
                            epochs: int) -> Check:
     """The fold's saved probabilities against a fresh model loaded from its best.pt."""
     saved_val = read_probs(fold_dir / "val_probs.csv").set_index(["id", "crop"])
@@ -121,15 +121,15 @@ def check_reload_after_predicting(cfg: ExperimentConfig, data: CompetitionData, 
     eager = cfg.model_copy(update={"speed": cfg.speed.model_copy(update={"compile": False})})
     paths = data.test["path"].head(cfg.inference.batch_size).tolist()
     model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-    Predictor(eager, model, device, fold_dir)(paths, test=True)
+    PreparedModel(eager, model, device, fold_dir)(paths, test=True)
     torch.manual_seed(1)
     other = {key: value + 0.05 * torch.randn_like(value) if value.is_floating_point() else value
              for key, value in model.state_dict().items()}
     load_weights(model, other)
-    reloaded = Predictor(eager, model, device, fold_dir)(paths, test=True)
+    reloaded = PreparedModel(eager, model, device, fold_dir)(paths, test=True)
     fresh = fresh_model(cfg, len(data.classes))
     fresh.load_state_dict(other)
-    difference = float(np.abs(reloaded - Predictor(eager, fresh, device, fold_dir)(paths, test=True)).max())
+    difference = float(np.abs(reloaded - PreparedModel(eager, fresh, device, fold_dir)(paths, test=True)).max())
     tolerance = PROBABILITY_TOLERANCE[device.type]
     return Check(f"{cfg.model.backbone}: weights loaded after predicting = fresh model", difference <= tolerance,
                  f"largest probability difference {difference:.1e} on {len(paths)} test rows")
@@ -182,7 +182,7 @@ def check_precision(cfg: ExperimentConfig, run_dir: Path, device: torch.device) 
                  f"{recorded}), gradient scaler {'on, its state saved' if scaler else 'off'}")
 
 
-def timed_prediction(predict: Predictor, paths: list[str]) -> float:
+def timed_prediction(predict: PreparedModel, paths: list[str]) -> float:
     """images/s of a second pass over the test images (the first compiled the model and filled the cache)."""
     synchronize(predict.device)
     started = time.perf_counter()
@@ -214,7 +214,7 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, run_outputs / "folds")
     val_rows = data.train[(folds["fold"] == 0).to_numpy()]
     history = pd.read_csv(fold_dir / "history.csv")
-    predict = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes), device,
+    predict = PreparedModel(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes), device,
                         run_outputs)
     checks = [check_fold_predictions(predict, data, fold_dir, validation_set(cfg, val_rows), cfg.train.epochs),
               check_reload_after_predicting(cfg, data, fold_dir, device),

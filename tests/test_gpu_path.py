@@ -18,7 +18,7 @@ from src import train
 from src.config import resolve_config
 from src.data import load_competition_data, shared_folds
 from src.geometry import resolved, validation_set
-from src.gpucheck import Predictor, augmentation_batches, check_fold_predictions, fresh_model
+from src.gpucheck import PreparedModel, augmentation_batches, check_fold_predictions, fresh_model
 from src.metrics import scores
 from src.optim import SAM, build_optimizer
 from src.runtime import autocast_dtype, precision_record
@@ -67,7 +67,7 @@ def test_fold_files_equal_a_fresh_model_from_best_pt_when_the_best_epoch_is_not_
     validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
     assert validation.are_crops
     model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-    check = check_fold_predictions(Predictor(cfg, model, CPU, tmp_path), data, fold_dir, validation, epochs=2)
+    check = check_fold_predictions(PreparedModel(cfg, model, CPU, tmp_path), data, fold_dir, validation, epochs=2)
     assert check.passed, check.detail
 
 

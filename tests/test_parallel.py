@@ -21,7 +21,7 @@ from src.data import load_competition_data
 from src.distributed import SINGLE_PROCESS, DistContext, GlooSyncBatchNorm, convert_sync_batchnorm
 from src.errors import UserError
 from src.geometry import resolved, validation_set
-from src.gpucheck import Predictor, fresh_model, predict_validation
+from src.gpucheck import PreparedModel, fresh_model, predict_validation
 from src.inference import read_probs
 from src.losses import FocalLoss
 from src.models import build_model
@@ -147,7 +147,7 @@ def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_ro
     fold_dir = tmp_path / "ddp" / "outputs" / "exp00" / "fold0"
     folds = pd.read_csv(next((tmp_path / "ddp" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
     validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
-    one_process = Predictor(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
+    one_process = PreparedModel(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
                             torch.device("cpu"), tmp_path)
     gathered = read_probs(fold_dir / "val_probs.csv")
     assert list(zip(gathered["id"], gathered["crop"])) == list(zip(validation.ids, validation.crops))

@@ -14,7 +14,7 @@ import yaml
 from src.data import load_competition_data
 from src.experiment import saved_config
 from src.geometry import resolved, validation_set
-from src.gpucheck import Predictor, fresh_model, predict_validation
+from src.gpucheck import PreparedModel, fresh_model, predict_validation
 from src.inference import read_probs
 from src.metrics import scores
 from src.submission import validate_submission
@@ -141,5 +141,5 @@ def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tm
         np.testing.assert_allclose(oof.loc[oof["fold"] == fold, data.classes].to_numpy(), epoch2, rtol=0, atol=1e-7)
         validation = validation_set(cfg, data.train[data.train["id"].isin(oof.loc[oof["fold"] == fold, "id"])])
         model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-        np.testing.assert_allclose(predict_validation(Predictor(cfg, model, torch.device("cpu"), tmp_path),
+        np.testing.assert_allclose(predict_validation(PreparedModel(cfg, model, torch.device("cpu"), tmp_path),
                                                       validation), epoch2, atol=1e-6)
