@@ -28,7 +28,9 @@ pick_python() {
   if [ -x .venv/bin/python ] && has_requirements .venv/bin/python; then echo .venv/bin/python; return; fi
   local system_python="${PYTHON:-python3}"
   if has_requirements "$system_python"; then echo "$system_python"; return; fi
-  echo "Setting up .venv: $system_python lacks the pinned packages ($("$system_python" -m src.envcheck requirements.txt --verbose | head -c 300))." >&2
+  local missing
+  missing="$("$system_python" -m src.envcheck requirements.txt --verbose 2>&1)"
+  echo "Setting up .venv: $system_python lacks the pinned packages (${missing:0:300})." >&2
   echo "Creating .venv and installing requirements.txt into it (one time, a few minutes; log in .venv/install.log)." >&2
   "$system_python" -m venv .venv
   if ! .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt >.venv/install.log 2>&1; then
