@@ -15,6 +15,7 @@ from torch.utils.data import RandomSampler
 from src.config import CONFIG_DIR, resolve_config
 from src.data import STYLE_CSV, load_competition_data, style_images_for_fold
 from src.errors import UserError
+from src.geometry import measure_test_geometry, resolve_for_data
 from src.losses import FocalLoss
 from src.optim import SAM
 from src.sampler import image_weights
@@ -88,6 +89,7 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert resolve_config(name)[0].model.backbone == expected["backbone"]
     cfg, _ = resolve_config(name, "demo", ["input.img_size=32", "train.batch_size=4", "model.pretrained=false"])
     data = load_competition_data(tiny_root, log=lambda _: None)
+    cfg = resolve_for_data(cfg, measure_test_geometry(data.train, data.test))  # mimic_scale: auto, as a run does
     run = build_training(cfg, data.train, len(data.classes), torch.device("cpu"))
 
     assert isinstance(run.model.head[0], nn.LayerNorm) == (expected["head"] == "mlp")
