@@ -107,6 +107,11 @@ def load_predictor(outputs: Path, name: str, tta: Optional[str] = None) -> Predi
     return Predictor(name, members, [float(w) for w in weights], saved.get("method", "soft"), path)
 
 
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A state dict with its floating-point tensors in `dtype` (integer buffers such as BN's counters unchanged)."""
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+
+
 def fold_probs(models: FoldModels, test: TestSet, cache_dir: Path, device: torch.device,
                weights_dtype: Optional[torch.dtype] = None, rows: Optional[slice] = None,
                log: Callable[[str], None] = print) -> tuple[np.ndarray, list[str]]:
@@ -121,14 +126,13 @@ def fold_probs(models: FoldModels, test: TestSet, cache_dir: Path, device: torch
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(classes))  # one network, every fold
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     dataset = ImageDataset(images["path"], None, build_eval_transform(cfg, mean, std, test=True), cache=cache)
+    # prepared (and compiled, where configured) once: each fold's weights are loaded into the same parameters
+    predictor = with_tta(prepare_model(model.to(device), cfg, device, SINGLE_PROCESS)[1], models.tta)
     per_fold = []
     for checkpoint in models.checkpoints:
         load_checkpoint(model, checkpoint, classes, cfg.model.backbone)
         if weights_dtype is not None:
-            load_weights(model, {key: value.to(weights_dtype) if value.is_floating_point() else value
-                                 for key, value in model.state_dict().items()})
-        model.to(device)
-        predictor = with_tta(prepare_model(model, cfg, device, SINGLE_PROCESS)[1], models.tta)
+            load_weights(model, cast_floating(model.state_dict(), weights_dtype))
         probs, _ = predict_probs(predictor, eval_loader(dataset, cfg, device, workers, SINGLE_PROCESS), device,
                                  cfg.train.amp, cfg.train.amp_dtype, desc=f"{models.name} {checkpoint.parent.name}",
                                  channels_last=uses_channels_last(cfg, device))
@@ -195,9 +199,8 @@ def half_precision_change(models: FoldModels, test: TestSet, cache_dir: Path) ->
 
 def _weights_only(checkpoint: Path, dtype: torch.dtype) -> dict:
     saved = read_checkpoint(checkpoint)
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in saved["model"].items()}
-    return {"model": state, "classes": saved["classes"], "backbone": saved["backbone"], "epoch": saved.get("epoch"),
-            "val_macro_f1": saved.get("val_macro_f1")}
+    return {"model": cast_floating(saved["model"], dtype), "classes": saved["classes"], "backbone": saved["backbone"],
+            "epoch": saved.get("epoch"), "val_macro_f1": saved.get("val_macro_f1")}
 
 
 ENTRY = '''"""Predict with the exported models, offline:
