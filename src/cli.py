@@ -110,7 +110,7 @@ def command_run(args: argparse.Namespace, experiment: str | None = None) -> None
         run_experiment(cfg, data, Path(args.outputs), Path(args.submissions),
                        extra_info={"profile": profile, "overrides": list(args.overrides),
                                    "command": " ".join(sys.argv)},
-                       restart=args.restart, log=say, ctx=ctx)
+                       restart=args.restart, log=say, ctx=ctx, publishes=not args.fold_job)
     finally:
         destroy()
 
@@ -129,6 +129,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from .data import load_competition_data, shared_folds
     from .experiment import fold_status, run_experiment
     from .geometry import resolved
+    from .locks import ensure_unlocked
     from .parallel import REPO as CHILD_CWD
     from .parallel import Job, gpu_slots, python_launcher, run_jobs
     from .runtime import available_cores, worker_count
@@ -140,6 +141,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     cfg = resolved(cfg, data)
     outputs, out_dir = Path(args.outputs), Path(args.outputs) / name
     if args.restart and out_dir.exists() and not nodes.rank:
+        ensure_unlocked(out_dir)
         shutil.rmtree(out_dir)
         log(f"--restart: removed {out_dir}")
     shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
@@ -147,7 +149,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     # The children's torch threads: this machine's cores shared by its training processes (unless set already).
     threads = max(1, available_cores() // (max(1, len(slots)) * args.ddp))
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    child = ["-m", "src.cli", "run", name, "--data", str(data_root), "--profile", profile or "none",
+    child = ["-m", "src.cli", "run", name, "--fold-job", "--data", str(data_root), "--profile", profile or "none",
              "--outputs", str(outputs), "--submissions", str(args.submissions), *args.overrides]
     launcher = python_launcher(args.ddp, nodes, run_id=f"artist-{name}")
     if not args.gpus:
@@ -443,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train an experiment's folds; write OOF, test probabilities and submission",
                          epilog=epilog)
     run.add_argument("experiment", help="config name under configs/, e.g. exp00")
+    run.add_argument("--fold-job", action="store_true", help=argparse.SUPPRESS)  # a --gpus child: the parent publishes
     ladder = sub.add_parser("ladder", help="run several experiments in turn, skipping finished folds", epilog=epilog)
     ladder.add_argument("experiments", nargs="*", help="config names or glob patterns over them, e.g. aug_* "
                         "(default: exp*)")
@@ -507,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     tta.set_defaults(handler=command_tta)
     ensemble.set_defaults(handler=command_ensemble)
     run.set_defaults(handler=command_run)
-    ladder.set_defaults(handler=command_ladder)
+    ladder.set_defaults(handler=command_ladder, fold_job=False)
     eda = sub.add_parser("eda", help="pictures of a data root: class counts, image sizes, greyscale share, "
                          "near-duplicate pairs (outputs/eda/*.png)")
     eda.add_argument("--data", help="data root (default: inputs/, else the demo data)")

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -17,7 +17,7 @@ import yaml
 
 from .config import ExperimentConfig, result_fingerprint, run_info
 from .data import CompetitionData, shared_folds
-from .distributed import SINGLE_PROCESS, DistContext, barrier, device_for
+from .distributed import SINGLE_PROCESS, DistContext, all_gather, barrier, device_for
 from .errors import UserError
 from .features import FEATURE_DIR, FrozenFeatureFolds
 from .geometry import measure_test_geometry, resolve_for_data, validation_set
@@ -25,6 +25,7 @@ from .image_cache import cache_for
 from .inference import predict_probs, probs_frame, read_probs
 from .io_utils import write_csv, write_yaml
 from .loader import ImageDataset
+from .locks import ensure_unlocked, lock_path, locked
 from .metrics import painting_scores, scores, solution_f1
 from .models import build_model, load_checkpoint, normalisation
 from .plots import plot_training_curves
@@ -39,11 +40,32 @@ FOLD_RESULT_KEYS = ("best_macro_f1", "best_epoch", "epochs_run")  # what a fold'
 
 
 def fold_status(fold_dir: Path, fingerprint: str) -> str:
-    """'done' when the fold finished with this config and data, 'stale' when with others, else 'todo'."""
+    """'done' when the fold finished with this config and data, else 'todo'. A fold finished with another config or
+    data stops the run with one line: it is never mixed with folds of another config."""
     done = fold_dir / DONE_FILE
     if not done.is_file():
         return "todo"
-    return "done" if json.loads(done.read_text())["fingerprint"] == fingerprint else "stale"
+    if json.loads(done.read_text())["fingerprint"] != fingerprint:
+        raise UserError(f"{fold_dir} holds a fold trained with another config or data; rerun with --restart to "
+                        f"discard {fold_dir.parent}, or name a new experiment")
+    return "done"
+
+
+@contextlib.contextmanager
+def fold_lock(path: Path, what: str, ctx: DistContext) -> Iterator[None]:
+    """The fold's lock (src/locks.py), held by rank 0 for all the ranks that train the fold together; when another
+    run holds it, every rank stops with the same line."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if ctx.is_main:
+            try:
+                held.enter_context(locked(path, what))
+            except UserError as error:
+                refusal = str(error)
+        refusal = all_gather(ctx, refusal)[0]
+        if refusal:
+            raise UserError(refusal)
+        yield
 
 
 def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold_ids: list[int],
@@ -77,13 +99,14 @@ def mean_test_probs(out_dir: Path, data: CompetitionData, fold_ids: list[int]) -
 def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, submissions: Path,
                    extra_info: dict[str, Any], restart: bool = False,
                    log: Callable[[str], None] = print, ctx: DistContext = SINGLE_PROCESS,
-                   out_dir: Path | None = None, on_epoch: Callable[[int, dict], None] | None = None
-                   ) -> dict[str, float]:
+                   out_dir: Path | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+                   publishes: bool = True) -> dict[str, float]:
     """Train the configured folds (fine-tuning, or a classifier on frozen features when cfg.frozen is set); once
-    all folds are done write oof.csv, test_probs.csv and the submission. Under DDP every rank runs this; rank 0
-    alone writes files, reports to the trackers (cfg.tracking) and publishes. `out_dir` (default OUTPUTS/NAME)
-    holds the experiment's files; the folds and the image cache stay shared under `outputs`. `on_epoch(fold,
-    history row)` is called after every epoch (see train_fold)."""
+    all folds are done write oof.csv, test_probs.csv and the submission, unless `publishes` is off (a --gpus fold
+    job: the command that started it publishes). Under DDP every rank runs this; rank 0 alone writes files,
+    reports to the trackers (cfg.tracking) and publishes. `out_dir` (default OUTPUTS/NAME) holds the experiment's
+    files; the folds and the image cache stay shared under `outputs`. `on_epoch(fold, history row)` is called
+    after every epoch (see train_fold)."""
     started = time.time()
     out_dir = out_dir or outputs / cfg.name
     geometry = measure_test_geometry(data.train, data.test)
@@ -91,11 +114,15 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
     log(geometry.summary())
     fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
     device = device_for(ctx)
-    tracker = open_trackers(cfg, out_dir, outputs) if ctx.is_main else NO_TRACKING
+    tracker = NO_TRACKING
+    if ctx.is_main and restart and out_dir.exists():
+        ensure_unlocked(out_dir)
+        shutil.rmtree(out_dir)
+        log(f"--restart: removed {out_dir}")
+    barrier(ctx)
+    for fold in range(cfg.data.n_folds):  # before config.yaml is written: a refused run changes nothing
+        fold_status(out_dir / f"fold{fold}", fingerprint)
     if ctx.is_main:
-        if restart and out_dir.exists():
-            shutil.rmtree(out_dir)
-            log(f"--restart: removed {out_dir}")
         resolved = {**cfg.model_dump(mode="json"),
                     "run": {**run_info(), **extra_info, "python": sys.version.split()[0],
                             "data_root": str(data.root), "data_fingerprint": data.fingerprint(),
@@ -104,14 +131,14 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
                             "test_geometry": geometry.summary()}}
         write_yaml(resolved, out_dir / "config.yaml")
         shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
+        tracker = open_trackers(cfg, out_dir, outputs, resolved, fingerprint)
         if tracker.where:
             log(f"tracking: {tracker.where}")
     barrier(ctx)
     try:
-        if ctx.is_main:
-            tracker.start(resolved)
+        tracker.start()
         result = _train_and_publish(cfg, data, outputs, out_dir, submissions, fingerprint, device, started, log,
-                                    ctx, tracker, on_epoch)
+                                    ctx, tracker, on_epoch, publishes)
     except BaseException:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
             tracker.close()
@@ -122,8 +149,8 @@ def run_experiment(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, 
 
 def _train_and_publish(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, out_dir: Path,
                        submissions: Path, fingerprint: str, device, started: float, log: Callable[[str], None],
-                       ctx: DistContext, tracker: Tracker,
-                       on_epoch: Callable[[int, dict], None] | None) -> dict[str, float]:
+                       ctx: DistContext, tracker: Tracker, on_epoch: Callable[[int, dict], None] | None,
+                       publishes: bool) -> dict[str, float]:
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     image_cache = cache_for(cfg, outputs)
     if cfg.frozen and ctx.enabled:
@@ -134,33 +161,38 @@ def _train_and_publish(cfg: ExperimentConfig, data: CompetitionData, outputs: Pa
         if fold not in all_folds:
             raise UserError(f"train.folds: fold {fold} does not exist (data.n_folds={cfg.data.n_folds})")
         fold_dir = out_dir / f"fold{fold}"
-        status = fold_status(fold_dir, fingerprint)
-        if status == "stale":
-            raise UserError(f"{fold_dir} holds a fold trained with another config or data; "
-                            f"rerun with --restart to discard {out_dir}, or name a new experiment")
-        if status == "done":
-            log(f"{cfg.name} fold {fold}: already complete, skipped")
-            continue
-        if frozen:
-            frozen.fit_fold(folds, fold, fold_dir, fingerprint)
-        else:
-            train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx, tracker, on_epoch)
-        if ctx.is_main:
-            done = json.loads((fold_dir / DONE_FILE).read_text())
-            tracker.fold_end(fold, {key: done[key] for key in FOLD_RESULT_KEYS if key in done})
+        with fold_lock(lock_path(out_dir, fold_dir.name), f"training {cfg.name} fold {fold}", ctx):
+            if fold_status(fold_dir, fingerprint) == "done":  # read under the lock: another run may just have ended it
+                log(f"{cfg.name} fold {fold}: already complete, skipped")
+                continue
+            if frozen:
+                result = {"best_macro_f1": frozen.fit_fold(folds, fold, fold_dir, fingerprint)}
+            else:
+                trained = train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx,
+                                     tracker, on_epoch)
+                result = {key: getattr(trained, key) for key in FOLD_RESULT_KEYS}
+        tracker.fold_end(fold, result)
 
-    if not ctx.is_main:
+    if not ctx.is_main or not publishes:
         return {}
     pending = [k for k in all_folds if fold_status(out_dir / f"fold{k}", fingerprint) != "done"]
     if pending:
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
             f"{cfg.data.n_folds} folds are done")
         return {}
-    result = publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
-                     mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
-    curves = plot_training_curves(out_dir) if tracker.keeps_files else None
-    tracker.experiment_end(result, [submissions / f"{cfg.name}.csv", out_dir / "oof.csv", *filter(None, [curves])])
+    with locked(lock_path(out_dir, "publish"), f"publishing {cfg.name}", wait=True):
+        result = publish(cfg.name, out_dir, assemble_oof(out_dir, data, folds, all_folds, cfg),
+                         mean_test_probs(out_dir, data, all_folds), data, submissions, started, log)
+        curves = plot_training_curves(out_dir) if tracker.keeps_files else None
+        tracker.experiment_end({k: fold_result(out_dir / f"fold{k}") for k in all_folds}, result,
+                               [submissions / f"{cfg.name}.csv", out_dir / "oof.csv", *filter(None, [curves])])
     return result
+
+
+def fold_result(fold_dir: Path) -> dict[str, float]:
+    """What a done fold's done.json says of its result (best_macro_f1; best_epoch and epochs_run when trained)."""
+    done = json.loads((fold_dir / DONE_FILE).read_text())
+    return {key: done[key] for key in FOLD_RESULT_KEYS if key in done}
 
 
 def publish(name: str, out_dir: Path, oof: pd.DataFrame, test_probs: pd.DataFrame, data: CompetitionData,

@@ -39,8 +39,8 @@ class CropGeometry:
 
     @property
     def mimic_scale(self) -> float:
-        """augment.mimic_scale that makes a size x size training crop span the test images' share of a painting:
-        the painting's short side goes to mimic_scale x size."""
+        """augment.mimic_scale that makes a size x size training crop cover the test images' share of a painting:
+        the painting is resized to mimic_scale x size on both sides."""
         return 1.0 / self.side_share
 
     def summary(self) -> str:

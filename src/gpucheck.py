@@ -47,7 +47,7 @@ from .transforms import build_eval_transform, build_train_transform
 
 EXPERIMENT = "exp07"
 RUN_OVERRIDES = ["model.pretrained=false", "train.epochs=2", "train.patience=0", "train.folds=[0]",
-                 "speed.compile=true", "speed.image_cache=jpg"]
+                 "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=jpg"]
 # Probabilities of the same weights on the same device may differ by this much between two compiled graphs
 # under autocast; stale attention biases move them by far more.
 PROBABILITY_TOLERANCE = {"cuda": 2e-3, "cpu": 1e-5}

@@ -11,13 +11,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .models import drop_eval_caches
 from .runtime import autocast, to_device
 
 
 @torch.no_grad()  # on a generator, torch disables gradients only while it runs
 def _outputs(model: nn.Module, loader, device: torch.device, amp: bool, amp_dtype: str, desc: str,
              channels_last: bool = False):
-    """(float32 outputs, labels) per batch of the loader, in order."""
+    """(float32 outputs, labels) per batch of the loader, in order, from the model's current weights (caches that
+    eval mode derived from earlier weights are dropped first)."""
+    drop_eval_caches(model)
     model.eval()
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
         images = to_device(images, device, channels_last)

@@ -148,16 +148,20 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def load_weights(model: nn.Module, state_dict: dict) -> None:
-    """load_state_dict, then drop what the model derived from its old weights.
-
-    timm's TinyViT (like LeViT and EfficientFormer) caches its attention biases in eval mode and rebuilds the cache
-    only when switched to training, so weights loaded into a model that has already predicted would be used with
-    the old biases. Switching to training and back clears every such cache."""
-    model.load_state_dict(state_dict)
+def drop_eval_caches(model: nn.Module) -> None:
+    """Switch `model` to training and back. timm's TinyViT (like LeViT and EfficientFormer) caches its attention
+    biases in eval mode and rebuilds the cache only when switched to training, so a model whose weights changed
+    since it last predicted (new weights loaded, an EMA updated in place) would predict with the old biases. The
+    switch clears every such cache, also inside a torch.compile'd model (without a recompilation)."""
     training = model.training
     model.train()
     model.train(training)
+
+
+def load_weights(model: nn.Module, state_dict: dict) -> None:
+    """load_state_dict, then drop what the model derived from its old weights (drop_eval_caches)."""
+    model.load_state_dict(state_dict)
+    drop_eval_caches(model)
 
 
 def load_checkpoint(model: ArtistClassifier, path: Path, classes: list[str], backbone: str) -> dict:

@@ -6,10 +6,12 @@ repeated warm-up and no decay of the peak, and SAM is not in torch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from .config import OptimizerConfig, SchedulerConfig
 
@@ -19,7 +21,8 @@ class SAM(torch.optim.Optimizer):
 
     Each step takes two forward-backward passes: the first gradient moves the weights to the nearby
     worst case w + rho * g / ||g||; the gradient there updates the original weights through the base
-    optimiser. At rho = 0 this is exactly the base optimiser (with twice the compute).
+    optimiser. At rho = 0 this is exactly the base optimiser (with twice the compute). The second pass only
+    measures a gradient: BatchNorm's running statistics are left as the first pass, at the real weights, made them.
     """
 
     def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs):
@@ -52,12 +55,14 @@ class SAM(torch.optim.Optimizer):
                     p.sub_(self.state[p].pop("sam_offset"))
         self.base_optimizer.step()
 
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        """`closure` zeroes the gradients, runs forward and backward, and returns the loss. Returns the
+    def step(self, closure: Callable[[], torch.Tensor],  # type: ignore[override]
+             model: nn.Module | None = None) -> torch.Tensor:
+        """`closure` zeroes the gradients, runs `model` forward and backward, and returns the loss. Returns the
         loss at the original weights."""
         loss = closure()
         self._ascend()
-        closure()
+        with running_statistics_kept(model):
+            closure()
         self._descend()
         return loss
 
@@ -69,6 +74,23 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         self.base_optimizer.load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: nn.Module | None) -> Iterator[None]:
+    """The running mean, variance and batch count of every BatchNorm layer of `model` (SyncBatchNorm and timm's
+    BatchNormAct included) restored on exit to what they were on entry."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats] if model is not None else []
+    kept = [[buffer.clone() for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, (mean, var, count) in zip(layers, kept):
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.num_batches_tracked.copy_(count)
 
 
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
@@ -147,6 +169,18 @@ def schedule_note(cfg: SchedulerConfig, peak: float, steps_per_epoch: int, epoch
     return (f"the warm-restart schedule ends mid-cycle at lr {last:.1e}, above its floor {cfg.min_lr:.1e} "
             f"({epochs} epochs, cycles of {cfg.cycle_epochs:g}); scheduler.fit_cycles=true fits whole cycles to "
             "the budget")
+
+
+def early_stop_note(cfg: SchedulerConfig, epochs: int, patience: int) -> str | None:
+    """One line when early stopping can end a run before a schedule that is tied to train.epochs (one cosine cycle,
+    or warm restarts fitted to the budget) reaches its floor, else None."""
+    tied = cfg.name == "cosine" or (cfg.name == "cosine_warm_restarts" and cfg.fit_cycles)
+    if not tied or not patience or patience >= epochs:
+        return None
+    return (f"early stopping (train.patience {patience}) can end this run from epoch {patience + 1} on, but the "
+            f"{'cosine' if cfg.name == 'cosine' else 'fitted warm-restart'} schedule reaches its floor only at epoch "
+            f"{epochs} (train.epochs); set train.patience=0 to run it to its end, or train.epochs to a budget the run "
+            "will reach")
 
 
 def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -189,9 +189,14 @@ def run_predict(outputs: Path, name: str, data: Path, out: Path, tta: Optional[s
 
 def half_precision_change(models: FoldModels, test: TestSet, cache_dir: Path) -> float:
     """The largest change of any predicted probability (the fold average, as `predict` writes it) when the fold
-    models' weights are rounded to float16, measured on up to FP16_CHECK_IMAGES test images."""
+    models' weights are rounded to float16, measured on up to FP16_CHECK_IMAGES test images.
+
+    Both sides compute in float32 (autocast off), as the bundle does on an offline CPU: under a GPU's bfloat16
+    autocast both would be rounded alike on the way in, and any weights would pass."""
     device = select_device()
     rows = slice(0, FP16_CHECK_IMAGES)
+    models = replace(models, cfg=models.cfg.model_copy(update={
+        "train": models.cfg.train.model_copy(update={"amp": False})}))
     full, _ = fold_probs(models, test, cache_dir, device, weights_dtype=torch.float32, rows=rows)
     half, _ = fold_probs(models, test, cache_dir, device, weights_dtype=torch.float16, rows=rows)
     return float(np.abs(full.astype(np.float64).mean(axis=0) - half.astype(np.float64).mean(axis=0)).max())

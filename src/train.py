@@ -41,7 +41,7 @@ from .loader import ImageDataset, make_loader
 from .losses import build_loss
 from .metrics import painting_scores, scores
 from .models import build_model, load_checkpoint, load_weights, normalisation, read_checkpoint
-from .optim import SAM, build_optimizer, build_scheduler, schedule_note
+from .optim import SAM, build_optimizer, build_scheduler, early_stop_note, schedule_note
 from .runtime import autocast, autocast_dtype, seed_everything, synchronize, to_device, worker_count
 from .sampler import build_sampler
 from .tracking import NO_TRACKING, Tracker
@@ -96,10 +96,18 @@ def capture_rng() -> dict:
             "numpy": {**legacy, "state": {"key": legacy["state"]["key"].tolist(), "pos": legacy["state"]["pos"]}}}
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, log: Callable[[str], None] = print) -> None:
+    """The streams of capture_rng. CUDA's are restored for the GPUs this process sees: a run saved on a machine
+    that saw more (a plain run on a 4-GPU box, resumed by --gpus children that see one each) restores the first
+    ones, including the one it trains on, and says which were left out."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if len(saved) > visible:
+        log(f"last.pt holds the CUDA random streams of {len(saved)} GPUs and this process sees {visible}: restored "
+            f"{visible}, not those of GPUs {visible} to {len(saved) - 1}, which this process does not train on")
     random.setstate(state["python"])
     legacy = state["numpy"]
     np.random.set_state({**legacy, "state": {"key": np.asarray(legacy["state"]["key"], dtype=np.uint32),
@@ -123,9 +131,14 @@ def prepare_model(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.speed.compile and device.type == "cuda":
+    if compiles(cfg, device):
         return torch.compile(train_model), torch.compile(model)
     return train_model, model
+
+
+def compiles(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """speed.compile applies on CUDA (on the CPU, compiling costs more than a demo run saves)."""
+    return cfg.speed.compile and device.type == "cuda"
 
 
 def train_loader_for(dataset: ImageDataset, labels: np.ndarray, cfg: ExperimentConfig, device: torch.device,
@@ -248,7 +261,7 @@ def train_step(run: Training, images: torch.Tensor, targets: torch.Tensor) -> to
         return loss
 
     if isinstance(optimizer, SAM):
-        loss = optimizer.step(forward_backward)
+        loss = optimizer.step(forward_backward, run.model)
     else:
         loss = forward_backward()
         run.scaler.step(optimizer)
@@ -290,7 +303,8 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
     bar.close()
     if not losses:
         return EpochStats(0.0, 0, time.perf_counter() - started, waited)
-    _check_finite(losses, lrs, checked, desc, epoch)
+    if checked < len(losses):
+        _check_finite(losses, lrs, checked, desc, epoch)
     weights = torch.tensor(sizes, dtype=torch.float32, device=device)
     mean_loss = float((torch.stack(losses).float() * weights).sum() / weights.sum())
     synchronize(device)
@@ -362,7 +376,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
             run.optimizer.load_state_dict(state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
             run.restore_scaler(state["scaler"], log, name)
-            restore_rng(rng_per_rank[ctx.rank])
+            restore_rng(rng_per_rank[ctx.rank], lambda line: log(f"{name}: {line}"))
             history, best_f1, best_epoch = state["history"], state["best_macro_f1"], state["best_epoch"]
             best_val_probs = state["best_val_probs"].numpy()
             first_epoch = cfg.train.epochs + 1 if state["finished"] else state["epoch"] + 1
@@ -372,8 +386,9 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
         f"at {cfg.input.img_size}px on {device.type}{processes}, {run.workers} loader workers; validating on "
         f"{validation.describe()}{', EMA of the weights' if run.ema is not None else ''}")
-    note = schedule_note(cfg.scheduler, cfg.optimizer.lr, len(run.loader), cfg.train.epochs)
-    if note and first_epoch == 1:
+    notes = (schedule_note(cfg.scheduler, cfg.optimizer.lr, len(run.loader), cfg.train.epochs),
+             early_stop_note(cfg.scheduler, cfg.train.epochs, cfg.train.patience))
+    for note in filter(None, notes if first_epoch == 1 else ()):
         log(f"{name}: {note}")
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         started = time.time()
@@ -393,7 +408,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
         if improved:
             best_f1, best_epoch, best_val_probs = val["macro_f1"], epoch, val_probs
             if ctx.is_main:
-                raw = {"raw_model": run.model.state_dict()} if run.ema is not None else {}
+                raw = {"raw_model": run.model.state_dict()} if run.ema is not None and cfg.train.keep_checkpoints \
+                    else {}
                 save_torch({"model": run.predicting_state(), **raw, "epoch": epoch, "val_macro_f1": best_f1,
                             "classes": data.classes, "backbone": cfg.model.backbone}, fold_dir / "best.pt")
         history.append({**record, "seconds": round(time.time() - started, 1),
@@ -434,6 +450,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
                   fold_dir / "val_probs.csv")
         write_csv(probs_frame(data.test["id"], test_probs, data.classes), fold_dir / "test_probs.csv")
         write_json({"fingerprint": fingerprint, **result.__dict__}, fold_dir / DONE_FILE)
+        if not cfg.train.keep_checkpoints:
+            last_path.unlink(missing_ok=True)  # resuming needs it no more: the fold is done
     barrier(ctx)
     log(f"{name}: best val macro F1 {best_f1:.4f} at epoch {best_epoch}")
     return result

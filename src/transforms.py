@@ -22,13 +22,18 @@ def _resize(size: int) -> A.BasicTransform:
 
 
 def _mimic_resize(cfg: AugmentConfig, size: int) -> A.BasicTransform:
-    """Short side to mimic_scale x size, so a size x size crop covers about a quarter of a painting."""
+    """The whole painting to a square of mimic_scale x size a side, squashed like a test crop is: a size x size crop
+    of it then covers 1 / mimic_scale^2 of the painting's area at every aspect ratio, and is as distorted as a test
+    crop of that painting once resized to the input square."""
     if cfg.mimic_scale == "auto":
         raise ValueError("augment.mimic_scale is still 'auto': resolve it with the data first (resolve_for_data)")
-    return A.SmallestMaxSize(max_size=round(size * cfg.mimic_scale), interpolation=cv2.INTER_AREA, strict=True)
+    side = round(size * cfg.mimic_scale)
+    return A.Resize(side, side, interpolation=cv2.INTER_AREA, strict=True)
 
 
-def _train_crop(cfg: AugmentConfig, size: int) -> list:
+def train_crop(cfg: AugmentConfig, size: int) -> list:
+    """The transforms that take a training image to the size x size input (augment.crop), before any other
+    augmentation."""
     if cfg.crop == "random":
         big = round(size * cfg.resize_scale)
         return [A.Resize(big, big, interpolation=cv2.INTER_AREA, strict=True), A.RandomCrop(size, size, strict=True)]
@@ -91,7 +96,7 @@ def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Comp
     """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded with one stream for all transforms.
     Training loaders reseed it for every image (src/loader.py)."""
     aug = cfg.augment
-    steps = _train_crop(aug, cfg.input.img_size)
+    steps = train_crop(aug, cfg.input.img_size)
     steps += [A.HorizontalFlip(p=0.5, strict=True)] if aug.hflip else []
     steps += strong_augmentations() if aug.strong else []
     steps += extra_colour_augmentations() if aug.extra_colour else []
@@ -102,8 +107,9 @@ def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Comp
 
 
 def build_eval_transform(cfg: ExperimentConfig, mean, std, test: bool = False) -> A.Compose:
-    """Test images (already quarter crops) are resized whole. Validation images are whole paintings: they are
-    resized whole too, except under crop=mimic, where they get the centre crop of the training geometry."""
+    """Test images (already quarter crops) are resized whole, and so are validation crops (test=True). Whole
+    validation paintings are resized whole too, except under crop=mimic, where they get the centre crop of the
+    training geometry (the painting squashed to mimic_scale x size, then the middle size x size)."""
     size = cfg.input.img_size
     if cfg.augment.crop == "mimic" and not test:
         steps = [_mimic_resize(cfg.augment, size), A.CenterCrop(size, size, strict=True)]

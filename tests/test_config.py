@@ -94,6 +94,20 @@ def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
     assert result_fingerprint(resolve_config("exp00", "demo", ["validation.crops_per_image=8"])[0], "data") != crops
 
 
+def test_folds_trained_before_a_change_of_behaviour_are_not_reused(monkeypatch):
+    """Crop-mimic, focal loss with label smoothing, SAM and the EMA changed what they do: the configs they apply to
+    get another fingerprint (so their old folds are trained again), every other config keeps its own."""
+    from src import config
+
+    def fingerprint(name: str) -> str:
+        return result_fingerprint(resolve_config(name, "demo")[0], "data")
+
+    now = {name: fingerprint(name) for name in ("exp00", "exp07", "exp10", "exp16", "exp18", "exp19", "exp20")}
+    monkeypatch.setattr(config, "BEHAVIOUR_CHANGES", {})
+    before = {name: fingerprint(name) for name in now}
+    assert [name for name in now if now[name] != before[name]] == ["exp10", "exp16", "exp18", "exp19"]
+
+
 def test_unknown_key_inside_the_optional_frozen_section_is_named():
     with pytest.raises(UserError, match="unknown config key 'frozen.classifer'"):
         resolve_config("feat01", overrides=["frozen.classifer=knn"])

@@ -36,31 +36,34 @@ def run_fold0(root, work: Path, experiment: str, *overrides: str) -> Path:
     return work / "outputs" / experiment
 
 
-def first_epoch_best(monkeypatch) -> None:
-    """Validation says epoch 1 was the best and every later epoch worse, whatever the model does."""
+def scripted_scores(monkeypatch, best_epoch: int) -> None:
+    """Validation says epoch `best_epoch` (1 or 2 of 2) was the best, whatever the model does."""
     calls = []
 
-    def declining(labels, probs):
+    def scripted(labels, probs):
         calls.append(1)
-        return {**scores(labels, probs), "macro_f1": 1.0 / len(calls)}
+        return {**scores(labels, probs), "macro_f1": 1.0 / len(calls) if best_epoch == 1 else float(len(calls))}
 
-    monkeypatch.setattr(train, "scores", declining)
+    monkeypatch.setattr(train, "scores", scripted)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["tiny_vit_5m_224", "tf_efficientnet_lite0"])
-def test_fold_files_equal_a_fresh_model_from_best_pt_when_the_best_epoch_is_not_the_last(
-        backbone, tiny_root, tmp_path, monkeypatch):
-    """TinyViT caches its attention biases in eval mode: after the last epoch's validation, best.pt must still
-    predict with its own biases, not the last epoch's."""
-    first_epoch_best(monkeypatch)
+@pytest.mark.parametrize("backbone, ema, best_epoch", [("tf_efficientnet_lite0", None, 1),
+                                                       ("tiny_vit_5m_224", 0.5, 2)])
+def test_fold_files_equal_a_fresh_model_from_best_pt(backbone, ema, best_epoch, tiny_root, tmp_path, monkeypatch):
+    """The best epoch need not be the last (best epoch 1 of 2). TinyViT caches its attention biases in eval mode:
+    the EMA of the weights, updated in place while it stays in eval mode, must validate with its current biases,
+    not epoch 1's; and the test pass, which loads best.pt into the raw model after that model validated epoch 2,
+    must predict with best.pt's biases (best epoch 2 of 2, EMA on)."""
+    scripted_scores(monkeypatch, best_epoch)
+    average = [f"train.ema_decay={ema}"] if ema else []
     run_dir = run_fold0(tiny_root, tmp_path, "exp05", f"model.backbone={backbone}", "model.pretrained=false",
                         "train.epochs=2", "train.patience=0", "augment.strong=false", "scheduler.name=constant",
-                        "optimizer.lr=0.01")
+                        "optimizer.lr=0.01", *average)
     fold_dir = run_dir / "fold0"
-    assert torch.load(fold_dir / "best.pt", weights_only=True)["epoch"] == 1
-    assert torch.load(fold_dir / "last.pt", weights_only=True)["epoch"] == 2
-    cfg, _ = resolve_config("exp05", "demo", [*TINY_RUN[2:], f"model.backbone={backbone}", "model.pretrained=false"])
+    assert torch.load(fold_dir / "best.pt", weights_only=True)["epoch"] == best_epoch
+    cfg, _ = resolve_config("exp05", "demo", [*TINY_RUN[2:], f"model.backbone={backbone}", "model.pretrained=false",
+                                              *average])
     data = load_competition_data(tiny_root, cfg.data.label_fixes, log=lambda _: None)
     cfg = resolved(cfg, data)
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, tmp_path / "outputs" / "folds")
@@ -69,6 +72,45 @@ def test_fold_files_equal_a_fresh_model_from_best_pt_when_the_best_epoch_is_not_
     model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
     check = check_fold_predictions(PreparedModel(cfg, model, CPU, tmp_path), data, fold_dir, validation, epochs=2)
     assert check.passed, check.detail
+
+
+@pytest.mark.slow
+def test_a_compiled_tinyvit_and_its_compiled_ema_predict_like_fresh_models_after_every_epoch(tiny_root, monkeypatch):
+    """speed.compile as on a GPU (torch.compile, here with dynamo's eager backend on the CPU) on a TinyViT stand-in
+    of two small stages, with an EMA: after each epoch the compiled evaluation models of the raw weights and of the
+    EMA predict what fresh eager models with those weights predict."""
+    import functools
+
+    import timm
+
+    from src import models
+    from src.train import eval_loader, evaluate
+    from src.loader import ImageDataset
+    from src.transforms import build_eval_transform
+
+    compile_eagerly = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(train, "compiles", lambda cfg, device: cfg.speed.compile)
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    monkeypatch.setattr(models, "build_backbone", lambda cfg: timm.create_model(
+        "tiny_vit_5m_224", pretrained=False, num_classes=0, embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 2, 2), window_sizes=(2, 2, 2, 2)))
+    cfg, _ = resolve_config("exp19", "demo", ["input.img_size=64", "train.batch_size=8", "train.num_workers=0",
+                                              "train.ema_decay=0.5", "speed.compile=true", "optimizer.lr=0.05"])
+    data = load_competition_data(tiny_root, cfg.data.label_fixes, log=lambda _: None)
+    cfg = resolved(cfg, data)
+    rows = data.train.head(16)
+    run = build_training(cfg, rows, len(data.classes), CPU)
+    dataset = ImageDataset(rows["path"], rows["label"], build_eval_transform(cfg, run.mean, run.std, test=True))
+    loader = eval_loader(dataset, cfg, CPU, 0, train.SINGLE_PROCESS)
+    for epoch in (1, 2):
+        train_one_epoch(run, epoch, desc="compiled")
+        for compiled, weights in ((run.predictor, run.predicting_state()), (run.eval_model, run.model.state_dict())):
+            fresh = models.build_model(cfg.model, len(data.classes))
+            fresh.load_state_dict(weights)
+            got, _ = evaluate(compiled, loader, cfg, CPU, train.SINGLE_PROCESS)
+            want, _ = evaluate(fresh, loader, cfg, CPU, train.SINGLE_PROCESS)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert isinstance(run.predictor, torch._dynamo.eval_frame.OptimizedModule)
 
 
 # --- DataLoader workers ----------------------------------------------------------------------------------------
@@ -85,8 +127,8 @@ def test_workers_augment_every_image_and_epoch_differently_and_like_a_loader_wit
 
 @pytest.mark.slow
 def test_a_run_with_two_workers_equals_a_run_without(tiny_root, tmp_path):
-    outputs = {workers: run_fold0(tiny_root, tmp_path / f"w{workers}", "exp02", f"train.num_workers={workers}")
-               / "fold0" for workers in (0, 2)}
+    outputs = {workers: run_fold0(tiny_root, tmp_path / f"w{workers}", "exp02", f"train.num_workers={workers}",
+                                  "train.keep_checkpoints=true") / "fold0" for workers in (0, 2)}
     for name in ("val_probs.csv", "test_probs.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(outputs[0] / name), pd.read_csv(outputs[2] / name),
                                       check_exact=True)
@@ -157,7 +199,7 @@ def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path
         return loss
 
     monkeypatch.setattr(train, "build_loss", recording_loss)
-    run_dir = run_fold0(tiny_root, tmp_path, "exp00", f"train.amp_dtype={dtype}")
+    run_dir = run_fold0(tiny_root, tmp_path, "exp00", f"train.amp_dtype={dtype}", "train.keep_checkpoints=true")
     steps = 37 // 8  # fold 0 of the tiny data trains on 37 images in batches of 8; validation sees float32 logits
     assert seen[:steps] == [getattr(torch, dtype)] * steps and set(seen[steps:]) == {torch.float32}
     record = pd.json_normalize(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())["run"])
@@ -224,6 +266,15 @@ def test_the_loop_reads_its_losses_once_every_check_not_every_step(monkeypatch):
     stats = train_one_epoch(run, 1, desc="loop")
     assert stats.images == 4 * steps and np.isfinite(stats.loss)
     assert reads.count <= 3 * (steps // CHECK_EVERY + 1), f"{reads.count} host reads in {steps} steps"
+
+
+@pytest.mark.parametrize("steps", [CHECK_EVERY, 2 * CHECK_EVERY])
+def test_an_epoch_of_a_whole_number_of_checks_ends_normally(steps):
+    """The last in-loop check falls on the last step: nothing is left for the end-of-epoch check."""
+    cfg, _ = resolve_config("exp00", "demo")
+    batches = [(torch.randn(2, 3, 2, 2), torch.zeros(2, dtype=torch.long)) for _ in range(steps)]
+    stats = train_one_epoch(tiny_training(cfg, batches), 1, desc="loop")
+    assert stats.images == 2 * steps and np.isfinite(stats.loss)
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_rung_builds_its_techniques(name, tiny_root):
 
     assert isinstance(run.model.head[0], nn.LayerNorm) == (expected["head"] == "mlp")
     names = transform_names(run)
-    crop = {"none": "Resize", "random": "RandomCrop", "mimic": "SmallestMaxSize", "rrc": "RandomResizedCrop"}
+    crop = {"none": "Resize", "random": "RandomCrop", "mimic": "RandomCrop", "rrc": "RandomResizedCrop"}
     assert crop[expected["crop"]] in names
     assert ("CoarseDropout" in names) == expected["strong"] and ("RandomGamma" in names) == expected["extra_colour"]
     assert ("HorizontalFlip" in names) == (expected["strong"] or expected["hflip"])

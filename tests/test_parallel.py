@@ -33,7 +33,7 @@ from .conftest import TINY_RUN, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
-FOLD_FILES = ("best.pt", "last.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json")
+FOLD_FILES = ("best.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json")
 
 
 def python_job(tmp_path, name: str, code: str) -> Job:
@@ -229,10 +229,17 @@ def test_sync_batchnorm_follows_the_switch(tiny_root):
 
 
 @pytest.mark.slow
-def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, tmp_path, capsys):
+def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, tmp_path, capsys, monkeypatch):
+    """Also one group of tracked runs, as a single process makes: each fold child opens its fold's run, the parent
+    the experiment's (MLflow: nested; W&B: grouped)."""
+    from .test_tracking import mlflow_runs, wandb_runs
+
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home" / variable.lower()))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     outputs, submissions = tmp_path / "outputs", tmp_path / "submissions"
     args = ["run", "exp00", "--data", tiny_root, "--outputs", outputs, "--submissions", submissions,
-            "--gpus", "0,0", *TINY_RUN, "data.n_folds=2"]
+            "--gpus", "0,0", *TINY_RUN, "data.n_folds=2", "tracking.mlflow=true", "tracking.wandb=true"]
     broken = outputs / "exp00" / "fold1" / "last.pt"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"truncated")
@@ -248,6 +255,12 @@ def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, t
     out = capsys.readouterr().out
     assert "1 folds to train" in out and "exp00 fold 1: started" in out
     assert_complete_experiment(tiny_root, outputs, submissions, folds=2)
+    _, [experiment], fold_runs = mlflow_runs(outputs)
+    assert sorted(run.info.run_name for run in fold_runs) == ["exp00 fold 0", "exp00 fold 1"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in fold_runs} == {experiment.info.run_id}
+    assert {"fold0/best_macro_f1", "fold1/best_macro_f1", "cv_macro_f1"} <= set(experiment.data.metrics)
+    assert {name: len(runs) for name, runs in wandb_runs(outputs / "exp00").items()} == \
+        {"exp00": 1, "exp00 fold 0": 1, "exp00 fold 1": 1}
 
 
 @pytest.mark.slow

@@ -25,11 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here trains, or reads a run trained for the session
 
 
-def test_every_fold_writes_its_files(finished_run):
+def test_every_fold_writes_its_files_and_keeps_only_the_predicting_weights(finished_run):
+    """A done fold drops last.pt (optimiser state for resuming) unless train.keep_checkpoints is on."""
     for fold in range(5):
         fold_dir = finished_run["exp"] / f"fold{fold}"
-        for name in ("best.pt", "last.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json"):
+        for name in ("best.pt", "history.csv", "val_probs.csv", "test_probs.csv", "done.json"):
             assert (fold_dir / name).is_file(), f"{fold_dir / name} missing"
+        assert not (fold_dir / "last.pt").exists()
+        best = torch.load(fold_dir / "best.pt", weights_only=True)
+        assert set(best) == {"model", "epoch", "val_macro_f1", "classes", "backbone"}
         history = pd.read_csv(fold_dir / "history.csv")
         assert list(history.columns) == ["epoch", "lr", "train_loss", "val_loss", "val_macro_f1", "val_accuracy",
                                          "val_macro_f1_paintings", "seconds", "train_images_per_s", "data_wait_share"]
@@ -90,11 +94,13 @@ def test_rerun_skips_finished_folds_and_prints_scores(finished_run, capsys):
 
 
 def test_changed_config_refuses_to_mix_with_finished_folds(finished_run, capsys):
+    config = (finished_run["exp"] / "config.yaml").read_text()
     code = run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", finished_run["outputs"],
                    "--submissions", finished_run["submissions"], *TINY_RUN, "optimizer.lr=0.01")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "--restart" in err[0] and "fold0" in err[0]
+    assert (finished_run["exp"] / "config.yaml").read_text() == config  # the refused run changed nothing
 
 
 def test_restart_discards_the_finished_folds_and_trains_again(finished_run, tmp_path, capsys):

@@ -193,3 +193,47 @@ def test_predict_names_what_is_missing(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'outputs' / 'nothere' / 'config.yaml'} not found; "
                                                "run nothere first (bash run.sh nothere), or point --outputs at the "
                                                "folder that holds it")
+
+
+@pytest.mark.slow
+def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cpu(finished_run, tmp_path):
+    """An experiment that predicts under bfloat16 autocast: the float16 check must still measure what rounding the
+    weights does to float32 predictions, not what is left of it after bfloat16 rounds both sides."""
+    import yaml
+
+    from src.config import ExperimentConfig
+    from src.data import load_test_set
+    from src.inference import predict_probs
+    from src.loader import ImageDataset, make_loader
+    from src.models import build_model, load_checkpoint, normalisation
+    from src.transforms import build_eval_transform
+
+    outputs = models_only(finished_run["exp"], tmp_path / "outputs")
+    config = outputs / "exp00" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    saved["train"]["amp_dtype"] = "bfloat16"  # CPU autocast computes in bfloat16 when named
+    config.write_text(yaml.safe_dump(saved))
+    test = load_test_set(finished_run["root"], log=lambda _: None)
+    measured = predict.half_precision_change(predict.fold_models(outputs, "exp00"), test, tmp_path / "cache")
+
+    cfg = ExperimentConfig.model_validate({k: v for k, v in saved.items() if k != "run"})
+    classes = torch.load(outputs / "exp00/fold0/best.pt", weights_only=True)["classes"]
+
+    def fold_average(dtype: torch.dtype, autocast: bool) -> np.ndarray:
+        per_fold = []
+        for fold in range(5):
+            model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(classes))
+            load_checkpoint(model, outputs / f"exp00/fold{fold}/best.pt", classes, cfg.model.backbone)
+            model.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v
+                                   for k, v in model.state_dict().items()})
+            mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
+            paths = test.images["path"].head(predict.FP16_CHECK_IMAGES)
+            loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=True)), 64, 0,
+                                 torch.device("cpu"), train=False)
+            per_fold.append(predict_probs(model, loader, torch.device("cpu"), autocast, "bfloat16")[0])
+        return np.mean(np.asarray(per_fold, dtype=np.float64), axis=0)
+
+    in_float32 = float(np.abs(fold_average(torch.float32, False) - fold_average(torch.float16, False)).max())
+    in_bfloat16 = float(np.abs(fold_average(torch.float32, True) - fold_average(torch.float16, True)).max())
+    assert measured == pytest.approx(in_float32, rel=1e-6, abs=1e-9)
+    assert abs(in_bfloat16 - in_float32) > 1e-6  # the experiment's own autocast would have measured another figure

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL part-way through a fold resumes and ends exactly where an uninterrupted run does:
 exp11 (random crops and the strong augmentation set, warm restarts, the class-balancing sampler, focal loss,
-CutMix, validation crops) with an EMA of the weights and two DataLoader workers."""
+CutMix, validation crops) with an EMA of the weights and two DataLoader workers. While it runs, a second run of the
+same fold is refused; the kill releases its lock."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from .conftest import TINY_RUN, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 RANDOM_RUNG = [*TINY_RUN, "train.epochs=3", "train.patience=0", "train.folds=[0]", "train.num_workers=2",
-               "train.cutmix_prob=1.0", "train.ema_decay=0.99"]
+               "train.cutmix_prob=1.0", "train.ema_decay=0.99", "train.keep_checkpoints=true"]
 TIMING = ["seconds", "train_images_per_s", "data_wait_share"]
 
 
@@ -38,12 +39,16 @@ def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tiny_root, tmp_
     deadline = time.time() + 300
     while not (fold / "history.csv").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    os.kill(process.pid, signal.SIGSTOP)  # mid-fold, holding the fold's lock
+    capsys.readouterr()
+    assert run_cli(*run_args(tiny_root, killed)) == 2  # a second run of the same fold meanwhile
+    refusal = capsys.readouterr().err.strip().splitlines()
+    assert len(refusal) == 1 and f"training exp11 fold 0 is in progress in process {process.pid} " in refusal[0]
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (fold / "done.json").exists(), "the kill came too late to interrupt the fold"
     assert torch.load(fold / "last.pt", weights_only=True)["epoch"] == 1
 
-    capsys.readouterr()
     assert run_cli(*run_args(tiny_root, killed)) == 0
     assert "fold 0: resuming after epoch 1" in capsys.readouterr().out
     expected = reference / "outputs" / "exp11" / "fold0"
@@ -57,3 +62,25 @@ def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tiny_root, tmp_
     for name, weights in (("best.pt", "model"), ("best.pt", "raw_model"), ("last.pt", "model"), ("last.pt", "ema")):
         resumed, uninterrupted = (torch.load(d / name, weights_only=True)[weights] for d in (fold, expected))
         assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), (name, weights)
+
+
+def test_resume_on_a_machine_that_sees_fewer_gpus_restores_what_fits(monkeypatch):
+    """last.pt saved by a plain run on a 4-GPU box, resumed by a --gpus child that sees one GPU: the stream of the
+    GPU it trains on is restored, the others are named in one line, nothing raises."""
+    from src.train import capture_rng, restore_rng
+
+    def set_all(states):
+        if len(states) > 1:
+            raise IndexError("list index out of range")  # what torch does for GPUs it does not see
+
+    restored, lines = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_all)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((8,), i, dtype=torch.uint8)
+                                                                  for i in range(4)])
+    state = capture_rng()
+    restore_rng(state, lines.append)
+    assert [device for device, _ in restored] == [0] and torch.equal(restored[0][1], state["cuda"][0])
+    assert len(lines) == 1 and "4 GPUs" in lines[0] and "sees 1" in lines[0] and "1 to 3" in lines[0]

@@ -102,29 +102,62 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_downweights_confident_exa
     assert isinstance(build_loss(resolve_config("exp07")[0].loss), FocalLoss)
 
 
-def explicit_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> float:
-    """mean over rows of -sum_c t_c (1 - p_c)^gamma log p_c, computed in float64 from its definition."""
+def explicit_focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float, smoothing: float = 0.0) -> float:
+    """mean over rows of sum_c t_c (1 - exp(-l_c))^gamma l_c with l_c = (1 - eps)(-log p_c) + eps mean_k(-log p_k),
+    the label-smoothed cross entropy of class c, computed in float64 from the definition."""
     p = np.exp(logits.double().numpy())
     p /= p.sum(axis=1, keepdims=True)
-    return float(np.mean(-(targets.double().numpy() * (1 - p) ** gamma * np.log(p)).sum(axis=1)))
+    smoothed_ce = (1 - smoothing) * -np.log(p) + smoothing * -np.log(p).mean(axis=1, keepdims=True)
+    weight = (1 - np.exp(-smoothed_ce)) ** gamma
+    return float(np.mean((targets.double().numpy() * weight * smoothed_ce).sum(axis=1)))
 
 
 def test_focal_loss_matches_its_formula_with_hard_smoothed_and_cutmix_targets():
     torch.manual_seed(0)
     logits, labels = torch.randn(16, 5) * 2, torch.randint(0, 5, (16,))
     one_hot = F.one_hot(labels, 5).double()
-    # hard labels: -(1 - p_t)^2 log p_t
-    assert FocalLoss(2.0)(logits, labels).item() == pytest.approx(explicit_focal(logits, one_hot, 2.0), rel=1e-6)
-    # label smoothing 0.1: the targets become 0.9 * one-hot + 0.1 / 5 before the weighting
-    smoothed = one_hot * 0.9 + 0.1 / 5
+    # hard labels: -(1 - p_t)^2 log p_t (without smoothing exp(-l_t) is p_t)
+    p = torch.softmax(logits.double(), dim=1)[torch.arange(16), labels]
+    lin = float(torch.mean(-(1 - p) ** 2 * torch.log(p)))
+    assert FocalLoss(2.0)(logits, labels).item() == pytest.approx(lin, rel=1e-6)
+    assert explicit_focal(logits, one_hot, 2.0) == pytest.approx(lin, rel=1e-9)
+    # label smoothing 0.1: the focal factor of the smoothed cross entropy
     assert FocalLoss(2.0, label_smoothing=0.1)(logits, labels).item() == \
-        pytest.approx(explicit_focal(logits, smoothed, 2.0), rel=1e-6)
+        pytest.approx(explicit_focal(logits, one_hot, 2.0, smoothing=0.1), rel=1e-6)
     # CutMix's soft targets: lambda of one artist and 1 - lambda of another
     lam = torch.rand(16, 1).double()
     mixed = lam * one_hot + (1 - lam) * F.one_hot(labels.roll(1), 5).double()
     assert FocalLoss(2.0)(logits, mixed.float()).item() == pytest.approx(explicit_focal(logits, mixed, 2.0), rel=1e-5)
+    assert FocalLoss(2.0, label_smoothing=0.1)(logits, mixed.float()).item() == \
+        pytest.approx(explicit_focal(logits, mixed, 2.0, smoothing=0.1), rel=1e-5)
     assert isinstance(build_loss(resolve_config("exp18")[0].loss), FocalLoss)
     assert build_loss(resolve_config("exp18")[0].loss).label_smoothing == 0.1
+
+
+def test_focal_loss_at_gamma_zero_is_torchs_label_smoothed_cross_entropy():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(16, 50) * 3, torch.randint(0, 50, (16,))
+    soft = torch.softmax(torch.randn(16, 50), dim=1)
+    for target in (labels, soft):
+        expected = nn.CrossEntropyLoss(label_smoothing=0.1)(logits, target).item()
+        assert FocalLoss(0.0, label_smoothing=0.1)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_loss_keeps_the_optimum_of_label_smoothing():
+    """50 artists, smoothing 0.1: the smoothed cross entropy is lowest at p_true = 1 - 0.1 + 0.1/50 = 0.902 (the
+    other artists share the rest evenly); the focal loss at gamma 2 must be lowest there too, not at 0.69 as when
+    the smoothed off-class targets are weighted by their own (1 - p)^gamma."""
+    classes, true = 50, torch.linspace(0.5, 0.995, 991, dtype=torch.float64)
+    rest = ((1 - true) / (classes - 1)).unsqueeze(1).expand(-1, classes - 1)
+    logits = torch.log(torch.cat([true.unsqueeze(1), rest], dim=1))  # softmax gives back these probabilities
+    labels = torch.zeros(len(true), dtype=torch.long)
+
+    def best_p(loss: nn.Module) -> float:
+        per_row = torch.stack([loss(logits[i:i + 1], labels[i:i + 1]) for i in range(len(true))])
+        return float(true[per_row.argmin()])
+
+    assert best_p(nn.CrossEntropyLoss(label_smoothing=0.1)) == pytest.approx(0.902, abs=1e-3)
+    assert best_p(FocalLoss(2.0, label_smoothing=0.1)) == pytest.approx(0.902, abs=1e-3)
 
 
 @pytest.mark.parametrize("scheme", ["inverse_count", "inverse_log_count"])
@@ -216,6 +249,34 @@ def test_sam_equals_its_base_optimiser_at_rho_zero_and_differs_otherwise():
     plain, sam0, sam = _sam_run(None), _sam_run(0.0), _sam_run(0.5)
     assert torch.allclose(plain.linear.weight, sam0.linear.weight, atol=1e-7)
     assert not torch.allclose(plain.linear.weight, sam.linear.weight, atol=1e-4)
+
+
+def test_sam_updates_batchnorm_statistics_once_a_step_at_the_real_weights():
+    """The trainer's SAM step (exp10: SAM around AdamW) runs two forward passes; only the first, at the weights being
+    trained, may move BatchNorm's running statistics. Each step must leave them as one training-mode forward at the
+    step's starting weights does."""
+    import copy
+
+    from src.optim import build_optimizer
+    from src.train import Training, train_step
+
+    cfg, _ = resolve_config("exp10", "demo")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), torch.device("cpu"))
+    assert isinstance(optimizer, SAM)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, [], optimizer, scheduler,
+                   torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None)
+    for _ in range(3):
+        images, labels = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
+        reference = copy.deepcopy(model).train()
+        with torch.no_grad():
+            reference(images)
+        train_step(run, images, labels)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(model[2], name), getattr(reference[2], name))
+    assert int(model[2].num_batches_tracked) == 3
 
 
 def test_style_images_never_train_the_fold_that_validates_their_sources():

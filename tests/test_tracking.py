@@ -60,8 +60,9 @@ def test_tensorboard_logs_every_fold_epoch_like_history_and_the_oof_score_as_hpa
         assert_tensorboard_matches_history(exp / f"fold{fold}", exp / "tb" / f"fold{fold}")
     summary = events(exp / "tb" / "experiment")
     best = [json.loads((exp / f"fold{k}" / "done.json").read_text())["best_macro_f1"] for k in range(5)]
-    assert [p.step for p in summary.Scalars("fold_best_macro_f1")] == list(range(5))
-    np.testing.assert_allclose([p.value for p in summary.Scalars("fold_best_macro_f1")], best, rtol=1e-6)
+    latest = summary.Scalars("fold_best_macro_f1")[-5:]  # every publication logs every fold (a rerun publishes again)
+    assert [p.step for p in latest] == list(range(5))
+    np.testing.assert_allclose([p.value for p in latest], best, rtol=1e-6)
     oof = oof_scores(exp, finished_run["root"])
     assert summary.Scalars("hparam/cv_macro_f1")[-1].value == pytest.approx(oof["macro_f1"], rel=1e-6)
     hparams = plugin_data_pb2.HParamsPluginData.FromString(
@@ -114,56 +115,93 @@ def finished_copy(finished_run, work: Path, keep_fold0: bool = True) -> Path:
     return outputs
 
 
-@pytest.mark.slow
-def test_wandb_offline_and_mlflow_hold_the_same_metrics_as_history(finished_run, tmp_path, monkeypatch):
+def mlflow_runs(outputs: Path) -> tuple:
+    """The experiment runs and the fold runs (nested in one of them) of the MLflow file store under `outputs`."""
     from mlflow import MlflowClient
 
+    client = MlflowClient(tracking_uri=(outputs / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("artist-classification").experiment_id])
+    experiments = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    folds = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return client, experiments, folds
+
+
+def wandb_runs(exp_dir: Path) -> dict[str, list]:
+    """Every W&B offline run under the experiment, by display name: its records."""
+    runs = {}
+    for run_dir in (exp_dir / "wandb").glob("offline-run-*"):
+        records = wandb_records(run_dir)
+        [header] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        runs.setdefault(header.display_name, []).append((header, records))
+    return runs
+
+
+def wandb_summary(records: list) -> dict:
+    return {wandb_key(item): json.loads(item.value_json) for r in records
+            if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+
+
+@pytest.mark.slow
+def test_wandb_offline_and_mlflow_hold_one_experiment_run_and_a_run_per_fold(finished_run, tmp_path, monkeypatch):
+    """Fold 0 trains, folds 1-4 are reused from an earlier run: the fold run holds fold 0's history; the experiment
+    run the config, every fold's result (the reused ones too) and the OOF scores; a rerun adds no run."""
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / "wandb-home" / variable.lower()))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     outputs = finished_copy(finished_run, tmp_path, keep_fold0=False)  # fold 0 trains, folds 1-4 are reused
-    assert run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions",
-                   tmp_path / "submissions", *TINY_RUN, "tracking.wandb=true", "tracking.mlflow=true") == 0
+    command = ["run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions",
+               tmp_path / "submissions", *TINY_RUN, "tracking.wandb=true", "tracking.mlflow=true"]
+    assert run_cli(*command) == 0
     exp = outputs / "exp00"
     history = pd.read_csv(exp / "fold0" / "history.csv")
-    done = json.loads((exp / "fold0" / "done.json").read_text())
+    done = [json.loads((exp / f"fold{k}" / "done.json").read_text()) for k in range(5)]
     oof = oof_scores(exp, finished_run["root"])
+    fingerprint = yaml.safe_load((exp / "config.yaml").read_text())["run"]["result_fingerprint"]
     assert_tensorboard_matches_history(exp / "fold0", exp / "tb" / "fold0")
 
-    client = MlflowClient(tracking_uri=(outputs / "mlruns").as_uri())
-    [run] = client.search_runs([client.get_experiment_by_name("artist-classification").experiment_id])
-    assert run.info.run_name == "exp00" and run.info.status == "FINISHED"
-    assert run.data.params["model.backbone"] == "tf_efficientnet_lite0" and run.data.params["input.img_size"] == "48"
+    client, [experiment], [fold0] = mlflow_runs(outputs)
+    assert (experiment.info.run_name, fold0.info.run_name) == ("exp00", "exp00 fold 0")
+    assert fold0.data.tags["mlflow.parentRunId"] == experiment.info.run_id and fold0.data.tags["fold"] == "0"
+    for run in (experiment, fold0):
+        assert run.info.status == "FINISHED" and run.data.params["model.backbone"] == "tf_efficientnet_lite0"
+        assert run.data.params["input.img_size"] == "48"
     for column in HISTORY_NUMBERS:
-        points = client.get_metric_history(run.info.run_id, f"fold0/{column}")
+        points = client.get_metric_history(fold0.info.run_id, column)
         assert [p.step for p in points] == history["epoch"].tolist(), column
         np.testing.assert_allclose([p.value for p in points], history[column], rtol=1e-9, err_msg=column)
-    assert run.data.metrics["fold0/best_macro_f1"] == pytest.approx(done["best_macro_f1"])
-    assert run.data.metrics["cv_macro_f1"] == pytest.approx(oof["macro_f1"])
-    assert {"fold1/best_macro_f1"}.isdisjoint(run.data.metrics), "reused folds were not trained by this run"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"exp00.csv", "oof.csv",
-                                                                        "training_curves.png"}
+    assert fold0.data.metrics["best_macro_f1"] == pytest.approx(done[0]["best_macro_f1"])
+    for k in range(5):
+        assert experiment.data.metrics[f"fold{k}/best_macro_f1"] == pytest.approx(done[k]["best_macro_f1"])
+    assert experiment.data.metrics["cv_macro_f1"] == pytest.approx(oof["macro_f1"])
+    assert {a.path for a in client.list_artifacts(experiment.info.run_id)} == {"exp00.csv", "oof.csv",
+                                                                               "training_curves.png"}
 
-    [run_dir] = (exp / "wandb").glob("offline-run-*")
-    records = wandb_records(run_dir)
-    [header] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert (header.display_name, header.run_group, header.project) == ("exp00", "exp00", "artist-classification")
+    runs = wandb_runs(exp)
+    assert sorted(runs) == ["exp00", "exp00 fold 0"]
+    [(header, records)] = runs["exp00 fold 0"]
+    assert (header.run_id, header.run_group, header.job_type, list(header.tags)) == \
+        (f"exp00-{fingerprint}-fold0", "exp00", "fold", ["fold0"])
     config = {item.key: json.loads(item.value_json) for item in header.config.update}
     assert config["model"]["backbone"] == "tf_efficientnet_lite0" and config["input"]["img_size"] == 48
     rows = [{wandb_key(item): json.loads(item.value_json) for item in r.history.item} for r in records
             if r.WhichOneof("record_type") == "history"]
-    epochs = [row for row in rows if "fold0/epoch" in row]
-    assert [row["fold0/epoch"] for row in epochs] == history["epoch"].tolist()
+    assert [row["epoch"] for row in rows] == history["epoch"].tolist()
     for column in HISTORY_NUMBERS:
-        np.testing.assert_allclose([row[f"fold0/{column}"] for row in epochs], history[column], rtol=1e-12,
-                                   err_msg=column)
-    summary = {wandb_key(item): json.loads(item.value_json) for r in records
-               if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
-    assert summary["fold0/best_macro_f1"] == pytest.approx(done["best_macro_f1"])
+        np.testing.assert_allclose([row[column] for row in rows], history[column], rtol=1e-12, err_msg=column)
+    assert wandb_summary(records)["best_macro_f1"] == pytest.approx(done[0]["best_macro_f1"])
+    [(header, records)] = runs["exp00"]
+    assert (header.run_id, header.run_group, header.job_type) == (f"exp00-{fingerprint}", "exp00", "experiment")
+    summary = wandb_summary(records)
+    assert [summary[f"fold{k}/best_macro_f1"] for k in range(5)] == pytest.approx([d["best_macro_f1"] for d in done])
     assert summary["cv_macro_f1"] == pytest.approx(oof["macro_f1"])
     artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
     assert {entry.path for entry in artifacts[0].manifest.contents} == {"exp00.csv", "oof.csv",
                                                                         "training_curves.png"}
+
+    assert run_cli(*command) == 0  # every fold done: publishes again, into the same experiment run
+    _, [again], [fold0_again] = mlflow_runs(outputs)
+    assert (again.info.run_id, fold0_again.info.run_id) == (experiment.info.run_id, fold0.info.run_id)
+    assert {header.run_id for header, _ in wandb_runs(exp)["exp00"]} == {f"exp00-{fingerprint}"}
 
 
 @pytest.mark.slow

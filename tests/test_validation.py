@@ -190,7 +190,7 @@ def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
 def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(tiny_root, tmp_path):
     assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path, "--submissions", tmp_path / "s",
                    "--profile", "demo", "input.img_size=32", "train.epochs=1", "train.batch_size=8",
-                   "train.folds=[0]", "train.ema_decay=0.9") == 0
+                   "train.folds=[0]", "train.ema_decay=0.9", "train.keep_checkpoints=true") == 0
     fold = tmp_path / "exp00" / "fold0"
     best, last = (torch.load(fold / name, weights_only=True) for name in ("best.pt", "last.pt"))
     assert all(torch.equal(best["raw_model"][k], last["model"][k]) for k in last["model"])
