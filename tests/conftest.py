@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from src.cli import main as cli_main
-from src.data import load_competition_data
-from src.demo_data import generate_demo_dataset
-from src.errors import UserError
+from src.data.competition import load_competition_data
+from src.demo.dataset import generate_demo_dataset
+from src.core.errors import UserError
 
 # Small enough for a 2-core CPU: 6 artists, tiny images, one epoch at 48 px, batch 8. No DataLoader workers: on
 # images this small their start-up costs more than they save, and they never change a result (the tests that are
@@ -73,3 +73,10 @@ def finished_run(tiny_root, tmp_path_factory):
                    *TINY_RUN)
     assert code == 0
     return {"root": tiny_root, "outputs": outputs, "submissions": submissions, "exp": outputs / "exp00"}
+
+
+def resolved(cfg, data):
+    """`cfg` with its 'auto' values measured from `data`, as a run resolves them."""
+    from src.pipeline.resolve import resolve_with_data
+
+    return resolve_with_data(cfg, None, data, say=lambda _: None).cfg

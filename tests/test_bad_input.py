@@ -1,4 +1,4 @@
-"""Bad input: every case of README "Bad input and what you see" either stops with one line naming the file and
+"""Bad input: every case of docs/bad-input.md either stops with one line naming the file and
 what to do, or follows the policy the table states. The last test keeps the table and the tests in step."""
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from src.config import ModelConfig, resolve_config
-from src.data import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, load_competition_data, read_image
-from src.errors import UserError
-from src.io_utils import save_torch
-from src.models import build_model, load_checkpoint
-from src.train import Training, train_one_epoch
+from src.core.config import resolve_config
+from src.core.schema import ModelConfig
+from src.data.competition import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, load_competition_data
+from src.data.images import read_image
+from src.core.errors import UserError
+from src.core.files import save_torch
+from src.model.checkpoints import load_checkpoint
+from src.model.networks import build_model
+from src.training.loop import Training, train_one_epoch
 
 from .conftest import TINY_RUN, load_error, rewrite, run_cli
 
@@ -336,12 +339,12 @@ def test_loss_that_is_not_finite_stops_training():
         train_one_epoch(run, 1, desc="exp00 fold 0 epoch 1")
 
 
-# --- the README table -------------------------------------------------------------------------------------------
+# --- the table of docs/bad-input.md ------------------------------------------------------------------------------
 
 def readme_table_tests() -> list[list[str]]:
-    """The tests named by each row of README's "Bad input and what you see" table."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Bad input and what you see", 1)[1].split("\n## ", 1)[0]
+    """The tests named by each row of the table in docs/bad-input.md."""
+    text = (REPO / "docs" / "bad-input.md").read_text(encoding="utf-8")
+    section = text.split("# Bad input and what you see", 1)[1]
     rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")][1:]
     return [re.findall(r"`(tests/\w+\.py::\w+)`", row) for row in rows]
 

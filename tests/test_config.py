@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from src.config import CONFIG_DIR, resolve_config, result_fingerprint
-from src.errors import UserError
+from src.core.config import resolve_config, result_fingerprint
+from src.core.paths import CONFIG_DIR
+from src.core.errors import UserError
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
 def test_folds_trained_before_a_change_of_behaviour_are_not_reused(monkeypatch):
     """Crop-mimic, focal loss with label smoothing, SAM and the EMA changed what they do: the configs they apply to
     get another fingerprint (so their old folds are trained again), every other config keeps its own."""
-    from src import config
+    from src.core import config
 
     def fingerprint(name: str) -> str:
         return result_fingerprint(resolve_config(name, "demo")[0], "data")

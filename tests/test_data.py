@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.data import load_competition_data, make_folds, shared_folds
-from src.errors import UserError
+from src.data.competition import load_competition_data
+from src.data.folds import make_folds, shared_folds
+from src.core.errors import UserError
 
 from .conftest import load_error, rewrite, run_cli
 

@@ -8,8 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.demo_data import ARTIST_COUNTS, DEMO_MARKER, demo_counts, generate_demo_dataset, main
-from src.errors import UserError
+from src.cli import main
+from src.data.competition import DEMO_MARKER
+from src.demo.dataset import demo_counts, generate_demo_dataset
+from src.demo.styles import ARTIST_COUNTS
+from src.core.errors import UserError
 
 SMALL = dict(scale=0.02, min_per_artist=4, n_artists=6, min_side=128, max_side=192)
 CSV_FILES = ("train.csv", "test.csv", "sample_submission.csv", "solution.csv", "test_crops.csv", "artists_info.csv")
@@ -195,8 +198,8 @@ def test_rejects_bad_arguments(tmp_path, bad):
 
 @pytest.mark.slow
 def test_command_line_prints_one_summary_line(tmp_path, capsys):
-    main(["--root", str(tmp_path / "cli"), "--seed", "3", "--scale", "0.01", "--n-artists", "2",
-          "--min-per-artist", "3", "--min-side", "64", "--max-side", "96"])
+    main(["demo-data", "--root", str(tmp_path / "cli"), "--seed", "3", "--scale", "0.01", "--n-artists", "2",
+          "--min-per-artist", "3", "--min-side", "64", "--max-side", "96"])  # bash run.sh demo-data ...
     lines = capsys.readouterr().out.strip().splitlines()
     n_train = sum(train for train, _ in demo_counts(2, 0.01, 3).values())
     assert len(lines) == 1 and f"{n_train} train images" in lines[0] and "2 artists" in lines[0]

@@ -7,18 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from src.config import CONFIG_DIR
-from src.data import load_competition_data
-from src.ensemble import ENSEMBLE_DIR, fit_weights, hard_vote, load_ensemble_config, soft_vote
-from src.errors import UserError
-from src.experiment import saved_config
-from src.geometry import validation_set
-from src.gpucheck import fresh_model
-from src.loader import ImageDataset
-from src.models import normalisation
-from src.train import prepare_model
-from src.transforms import build_eval_transform
-from src.tta import with_tta
+from src.core.paths import CONFIG_DIR
+from src.data.competition import load_competition_data
+from src.core.paths import ENSEMBLE_DIR
+from src.pipeline.ensemble import fit_weights, hard_vote, load_ensemble_config, soft_vote
+from src.core.errors import UserError
+from src.core.layout import read_saved
+from src.data.geometry import validation_set
+from src.tools.gpucheck import fresh_predictor
+from src.data.loader import ImageDataset
+from src.model.networks import normalisation
+from src.model.prepare import prepare_model
+from src.data.transforms import build_eval_transform
+from src.inference.tta import with_tta
 
 from .conftest import run_cli
 
@@ -69,7 +70,7 @@ def test_hard_vote_with_unequal_weights_stores_vote_shares_and_breaks_ties_by_su
 def test_fitted_weights_are_fitted_without_the_fold_they_score(tmp_path, monkeypatch):
     """Observing fit_weights: fold k's weights are fitted on exactly the other folds' rows, the test weights on all
     rows, and the saved ensemble config holds both."""
-    from src import ensemble
+    from src.pipeline import ensemble
 
     rng = np.random.default_rng(0)
     classes = ["a", "b", "c"]
@@ -167,24 +168,26 @@ def test_rotating_tta_refuses_non_square_inputs():
 
 @pytest.mark.slow
 def test_tta_and_ensemble_commands_end_to_end(finished_run, tmp_path, monkeypatch):
-    from src import ensemble, experiment
+    from src.inference import predictor
+    from src.pipeline import ensemble
 
     args = ["--data", finished_run["root"], "--outputs", finished_run["outputs"], "--submissions",
             finished_run["submissions"]]
     prepared = []
-    monkeypatch.setattr(experiment, "prepare_model", lambda model, cfg, *rest: prepared.append(cfg.speed) or
+    monkeypatch.setattr(predictor, "prepare_model", lambda model, cfg, *rest: prepared.append(cfg.speed) or
                         prepare_model(model, cfg, *rest))
     assert run_cli("tta", "exp00", "--mode", "hflip", *args) == 0
-    assert len(prepared) == 5, "each fold model goes through the training's speed switches"
+    assert len(prepared) == 1, "the fold models go through the training's speed switches, prepared once"
     tta_dir = finished_run["outputs"] / "exp00-tta-hflip"
     oof = pd.read_csv(tta_dir / "oof.csv", dtype={"id": str})
     base = pd.read_csv(finished_run["exp"] / "oof.csv", dtype={"id": str})
     assert oof[["id", "crop", "fold"]].equals(base[["id", "crop", "fold"]])
     # fold 0's rows: fold 0's best.pt on each validation crop and its mirror image, probabilities averaged
     data = load_competition_data(finished_run["root"], log=lambda _: None)
-    cfg = saved_config(finished_run["exp"])
+    cfg = read_saved(finished_run["exp"]).experiment
     validation = validation_set(cfg, data.train[data.train["id"].isin(base.loc[base["fold"] == 0, "id"])])
-    model = fresh_model(cfg, len(data.classes), finished_run["exp"] / "fold0" / "best.pt", data.classes).eval()
+    model = fresh_predictor(cfg, len(data.classes), torch.device("cpu"), finished_run["exp"] / "fold0" / "best.pt",
+                            data.classes).network.eval()
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     dataset = ImageDataset(validation.paths, None, build_eval_transform(cfg, mean, std, test=True),
                            boxes=validation.boxes)

@@ -6,15 +6,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from src.config import resolve_config
-from src.data import load_competition_data
-from src.errors import UserError
-from src.features import FEATURE_DIR, build_classifier, cache_path, class_probabilities
-from src.fewshot import PrototypeClassifier, evaluate_episodes
-from src.geometry import resolved, validation_set
-from src.submission import validate_submission
+from src.core.config import resolve_config
+from src.data.competition import load_competition_data
+from src.core.errors import UserError
+from src.training.frozen import FEATURE_DIR, build_classifier, cache_path, class_probabilities
+from src.tools.fewshot import PrototypeClassifier, evaluate_episodes
+from src.data.geometry import validation_set
+from src.pipeline.submission import validate_submission
 
-from .conftest import TINY_RUN, run_cli
+from .conftest import TINY_RUN, resolved, run_cli
 
 
 @pytest.mark.slow

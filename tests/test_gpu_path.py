@@ -14,17 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src import train
-from src.config import resolve_config
-from src.data import load_competition_data, shared_folds
-from src.geometry import resolved, validation_set
-from src.gpucheck import PreparedModel, augmentation_batches, check_fold_predictions, fresh_model
-from src.metrics import scores
-from src.optim import SAM, build_optimizer
-from src.runtime import autocast_dtype, precision_record
-from src.train import CHECK_EVERY, Training, build_training, train_one_epoch
+from src.core.layout import FoldDir
+from src.training import fold as train
+from src.training import loop
+from src.core.config import resolve_config
+from src.data.competition import load_competition_data
+from src.data.folds import shared_folds
+from src.data.geometry import validation_set
+from src.tools.gpucheck import augmentation_batches, check_fold_predictions, fresh_predictor
+from src.core.metrics import scores
+from src.training.optim import SAM, build_optimizer
+from src.core.runtime import autocast_dtype, precision_record
+from src.training.loop import CHECK_EVERY, Training, build_training, train_one_epoch
 
-from .conftest import TINY_RUN, run_cli
+from .conftest import TINY_RUN, resolved, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -69,8 +72,8 @@ def test_fold_files_equal_a_fresh_model_from_best_pt(backbone, ema, best_epoch, 
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, tmp_path / "outputs" / "folds")
     validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
     assert validation.are_crops
-    model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-    check = check_fold_predictions(PreparedModel(cfg, model, CPU, tmp_path), data, fold_dir, validation, epochs=2)
+    predictor = fresh_predictor(cfg, len(data.classes), CPU, fold_dir / "best.pt", data.classes)
+    check = check_fold_predictions(predictor, data, FoldDir(fold_dir), validation, epochs=2)
     assert check.passed, check.detail
 
 
@@ -83,13 +86,12 @@ def test_a_compiled_tinyvit_and_its_compiled_ema_predict_like_fresh_models_after
 
     import timm
 
-    from src import models
-    from src.train import eval_loader, evaluate
-    from src.loader import ImageDataset
-    from src.transforms import build_eval_transform
+    from src.inference.predictor import Predictor
+    from src.model import networks as models
+    from src.model import prepare
 
     compile_eagerly = functools.partial(torch.compile, backend="eager")
-    monkeypatch.setattr(train, "compiles", lambda cfg, device: cfg.speed.compile)
+    monkeypatch.setattr(prepare, "compiles", lambda cfg, device: cfg.speed.compile)
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     monkeypatch.setattr(models, "build_backbone", lambda cfg: timm.create_model(
         "tiny_vit_5m_224", pretrained=False, num_classes=0, embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1),
@@ -100,17 +102,16 @@ def test_a_compiled_tinyvit_and_its_compiled_ema_predict_like_fresh_models_after
     cfg = resolved(cfg, data)
     rows = data.train.head(16)
     run = build_training(cfg, rows, len(data.classes), CPU)
-    dataset = ImageDataset(rows["path"], rows["label"], build_eval_transform(cfg, run.mean, run.std, test=True))
-    loader = eval_loader(dataset, cfg, CPU, 0, train.SINGLE_PROCESS)
     for epoch in (1, 2):
         train_one_epoch(run, epoch, desc="compiled")
-        for compiled, weights in ((run.predictor, run.predicting_state()), (run.eval_model, run.model.state_dict())):
+        for compiled, weights in ((run.predicting_model, run.predicting_state()),
+                                  (run.eval_model, run.model.state_dict())):
             fresh = models.build_model(cfg.model, len(data.classes))
             fresh.load_state_dict(weights)
-            got, _ = evaluate(compiled, loader, cfg, CPU, train.SINGLE_PROCESS)
-            want, _ = evaluate(fresh, loader, cfg, CPU, train.SINGLE_PROCESS)
+            got, want = (Predictor(cfg, model, fresh, CPU, workers=0).predict(rows["path"]) for model in (compiled,
+                                                                                                         fresh))
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
-    assert isinstance(run.predictor, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(run.predicting_model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 # --- DataLoader workers ----------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_workers_run_opencv_single_threaded_without_deadlocking_after_the_parent
     script = tmp_path / "threads.py"
     script.write_text(textwrap.dedent("""
         import cv2, numpy as np, torch
-        from src.loader import make_loader
+        from src.data.loader import make_loader
         big = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
         for _ in range(3):
             cv2.resize(big, (1000, 1000), interpolation=cv2.INTER_AREA)
@@ -188,7 +189,7 @@ def test_precision_on_the_cpu_and_named_dtypes():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path, monkeypatch):
     seen = []
-    build_loss = train.build_loss
+    build_loss = loop.build_loss
 
     def recording_loss(cfg):
         criterion = build_loss(cfg)
@@ -198,7 +199,7 @@ def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path
             return criterion(logits, targets)
         return loss
 
-    monkeypatch.setattr(train, "build_loss", recording_loss)
+    monkeypatch.setattr(loop, "build_loss", recording_loss)
     run_dir = run_fold0(tiny_root, tmp_path, "exp00", f"train.amp_dtype={dtype}", "train.keep_checkpoints=true")
     steps = 37 // 8  # fold 0 of the tiny data trains on 37 images in batches of 8; validation sees float32 logits
     assert seen[:steps] == [getattr(torch, dtype)] * steps and set(seen[steps:]) == {torch.float32}

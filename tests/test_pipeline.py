@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-from src.data import load_competition_data
-from src.experiment import saved_config
-from src.geometry import resolved, validation_set
-from src.gpucheck import PreparedModel, fresh_model, predict_validation
-from src.inference import read_probs
-from src.metrics import scores
-from src.submission import validate_submission
+from src.data.competition import load_competition_data
+from src.core.layout import read_saved
+from src.data.geometry import validation_set
+from src.tools.gpucheck import fresh_predictor, predict_validation
+from src.inference.probabilities import read_probs
+from src.core.metrics import scores
+from src.pipeline.submission import validate_submission
 
-from .conftest import TINY_RUN, run_cli
+from .conftest import TINY_RUN, resolved, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here trains, or reads a run trained for the session
@@ -119,7 +119,7 @@ def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tm
     """Validation macro F1 scripted to 0.5, 0.7, 0.6, 0.65 in every fold, patience 2 of 6 epochs: each fold stops
     after epoch 4; best.pt holds epoch 2's weights, val_probs.csv epoch 2's probabilities, and the OOF is made of
     them."""
-    from src import train
+    from src.training import fold as train
 
     script, recorded = [0.5, 0.7, 0.6, 0.65], []
 
@@ -133,7 +133,7 @@ def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tm
                    *TINY_RUN, "data.n_folds=2", "train.epochs=6", "train.patience=2") == 0
     assert len(recorded) == 8  # 4 epochs in each of the 2 folds
     data = load_competition_data(tiny_root, log=lambda _: None)
-    cfg = resolved(saved_config(outputs / "exp00"), data)
+    cfg = resolved(read_saved(outputs / "exp00").experiment, data)
     oof = read_probs(outputs / "exp00" / "oof.csv")
     for fold in (0, 1):
         fold_dir = outputs / "exp00" / f"fold{fold}"
@@ -146,6 +146,5 @@ def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tm
                                    rtol=0, atol=1e-7)
         np.testing.assert_allclose(oof.loc[oof["fold"] == fold, data.classes].to_numpy(), epoch2, rtol=0, atol=1e-7)
         validation = validation_set(cfg, data.train[data.train["id"].isin(oof.loc[oof["fold"] == fold, "id"])])
-        model = fresh_model(cfg, len(data.classes), fold_dir / "best.pt", data.classes)
-        np.testing.assert_allclose(predict_validation(PreparedModel(cfg, model, torch.device("cpu"), tmp_path),
-                                                      validation), epoch2, atol=1e-6)
+        predictor = fresh_predictor(cfg, len(data.classes), torch.device("cpu"), fold_dir / "best.pt", data.classes)
+        np.testing.assert_allclose(predict_validation(predictor, validation), epoch2, atol=1e-6)

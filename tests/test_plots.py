@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.plots import DUPLICATE_DISTANCE, image_stats
+from src.tools.eda import DUPLICATE_DISTANCE, image_stats
 
 from .conftest import assert_picture, run_cli
 

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from src import predict
-from src.submission import validate_submission
+from src.pipeline import export, predict
+from src.pipeline.submission import validate_submission
 
 from .conftest import run_cli
 
@@ -104,7 +104,7 @@ def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experime
     with zipfile.ZipFile(export / "exp00.zip") as archive:
         archive.extractall(unpacked)
     names = sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
-    assert {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/predict.py", "configs/exp00.yaml",
+    assert {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/pipeline/predict.py", "configs/exp00.yaml",
             "models/exp00/config.yaml", *(f"models/exp00/fold{k}/best.pt" for k in range(5))} <= set(names)
     assert not [name for name in names if name.endswith(("last.pt", ".csv")) or "__pycache__" in name]
     manifest = json.loads((unpacked / "manifest.json").read_text())["members"]["exp00"]
@@ -137,8 +137,8 @@ def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experime
 
 @pytest.mark.slow
 def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkeypatch, capsys):
-    assert predict.FP16_TOLERANCE == 1e-3
-    monkeypatch.setattr(predict, "FP16_TOLERANCE", 1.0)  # the tiny one-epoch models move by about 1e-3
+    assert export.FP16_TOLERANCE == 1e-3
+    monkeypatch.setattr(export, "FP16_TOLERANCE", 1.0)  # the tiny one-epoch models move by about 1e-3
     assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", tmp_path / "loose") == 0
     member = json.loads((tmp_path / "loose" / "exp00" / "manifest.json").read_text())["members"]["exp00"]
     change = member["max_probability_change_fp16"]
@@ -154,7 +154,7 @@ def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkey
     assert moved.max() == pytest.approx(change, abs=1e-5), "the recorded change is what the bundle's output moves"
 
     monkeypatch.undo()  # the real limit, 1e-3, against a change just above it
-    monkeypatch.setattr(predict, "half_precision_change", lambda *args: 1.1e-3)
+    monkeypatch.setattr(export, "half_precision_change", lambda *args: 1.1e-3)
     assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", tmp_path / "strict") == 0
     member = json.loads((tmp_path / "strict" / "exp00" / "manifest.json").read_text())["members"]["exp00"]
     assert member["weights"] == "float32" and member["max_probability_change_fp16"] == 1.1e-3
@@ -164,7 +164,7 @@ def test_half_precision_only_within_the_tolerance(finished_run, tmp_path, monkey
 
 @pytest.mark.slow
 def test_an_ensemble_with_a_tta_member_exports_and_predicts_its_own_test_probs(finished_run, tmp_path, monkeypatch):
-    from src import ensemble
+    from src.pipeline import ensemble
 
     outputs = tmp_path / "outputs"
     shutil.copytree(finished_run["outputs"] / "folds", outputs / "folds")
@@ -201,12 +201,13 @@ def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cp
     weights does to float32 predictions, not what is left of it after bfloat16 rounds both sides."""
     import yaml
 
-    from src.config import ExperimentConfig
-    from src.data import load_test_set
-    from src.inference import predict_probs
-    from src.loader import ImageDataset, make_loader
-    from src.models import build_model, load_checkpoint, normalisation
-    from src.transforms import build_eval_transform
+    from src.core.schema import ExperimentConfig
+    from src.data.competition import load_test_set
+    from src.inference.probabilities import predict_probs
+    from src.data.loader import ImageDataset, make_loader
+    from src.model.checkpoints import load_checkpoint
+    from src.model.networks import build_model, normalisation
+    from src.data.transforms import build_eval_transform
 
     outputs = models_only(finished_run["exp"], tmp_path / "outputs")
     config = outputs / "exp00" / "config.yaml"
@@ -214,7 +215,7 @@ def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cp
     saved["train"]["amp_dtype"] = "bfloat16"  # CPU autocast computes in bfloat16 when named
     config.write_text(yaml.safe_dump(saved))
     test = load_test_set(finished_run["root"], log=lambda _: None)
-    measured = predict.half_precision_change(predict.fold_models(outputs, "exp00"), test, tmp_path / "cache")
+    measured = export.half_precision_change(predict.fold_models(outputs, "exp00"), test, tmp_path / "cache")
 
     cfg = ExperimentConfig.model_validate({k: v for k, v in saved.items() if k != "run"})
     classes = torch.load(outputs / "exp00/fold0/best.pt", weights_only=True)["classes"]
@@ -227,7 +228,7 @@ def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cp
             model.load_state_dict({k: v.to(dtype).float() if v.is_floating_point() else v
                                    for k, v in model.state_dict().items()})
             mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
-            paths = test.images["path"].head(predict.FP16_CHECK_IMAGES)
+            paths = test.images["path"].head(export.FP16_CHECK_IMAGES)
             loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=True)), 64, 0,
                                  torch.device("cpu"), train=False)
             per_fold.append(predict_probs(model, loader, torch.device("cpu"), autocast, "bfloat16")[0])

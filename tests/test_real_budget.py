@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from src.config import CONFIG_DIR, resolve_config
-from src.geometry import ASPECT_JITTER, CropGeometry, resolve_for_data, validation_crops
-from src.optim import build_scheduler, early_stop_note, warm_restart_lr
-from src.transforms import build_eval_transform, train_crop
+from src.core.config import resolve_config
+from src.core.paths import CONFIG_DIR
+from src.data.geometry import ASPECT_JITTER, CropGeometry, resolve_for_data, validation_crops
+from src.training.schedules import build_scheduler, early_stop_note, warm_restart_lr
+from src.data.transforms import build_eval_transform, train_crop
 
 RUNGS = sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
 PAINTINGS = 5911

@@ -67,7 +67,7 @@ def test_sigkill_mid_fold_then_rerun_equals_an_uninterrupted_run(tiny_root, tmp_
 def test_resume_on_a_machine_that_sees_fewer_gpus_restores_what_fits(monkeypatch):
     """last.pt saved by a plain run on a 4-GPU box, resumed by a --gpus child that sees one GPU: the stream of the
     GPU it trains on is restored, the others are named in one line, nothing raises."""
-    from src.train import capture_rng, restore_rng
+    from src.training.loop import capture_rng, restore_rng
 
     def set_all(states):
         if len(states) > 1:

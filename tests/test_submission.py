@@ -4,8 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from src.errors import UserError
-from src.submission import submission_from_probs, validate_submission, write_submission
+from src.core.errors import UserError
+from src.pipeline.submission import submission_from_probs, validate_submission, write_submission
 
 CLASSES = ["Alfred Sisley", "Albrecht Du rer", "Titian"]
 SAMPLE = pd.DataFrame({"id": ["TEST_00000", "TEST_00001", "TEST_00002"], "artist": ["Titian"] * 3})

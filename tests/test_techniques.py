@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.config import CONFIG_DIR, AugmentConfig, ExperimentConfig, SchedulerConfig, resolve_config
-from src.data import style_images_for_fold
-from src.geometry import CropGeometry, resolve_for_data
-from src.losses import FocalLoss, build_loss
-from src.optim import SAM, build_scheduler, warm_restart_lr
-from src.sampler import build_sampler
-from src.train import build_cutmix
-from src.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform, reseed
+from src.core.config import resolve_config
+from src.core.paths import CONFIG_DIR
+from src.core.schema import AugmentConfig, ExperimentConfig, SchedulerConfig
+from src.data.competition import style_images_for_fold
+from src.data.geometry import CropGeometry, resolve_for_data
+from src.training.losses import FocalLoss, build_loss
+from src.training.optim import SAM
+from src.training.schedules import build_scheduler, warm_restart_lr
+from src.data.sampler import build_sampler
+from src.training.loop import build_cutmix
+from src.data.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform, reseed
 
 PEAK, FLOOR, GAMMA = 1e-3, 5e-6, 0.7
 
@@ -82,7 +85,7 @@ def test_cutmix_target_weights_equal_the_pasted_area():
 
 
 def test_cutmix_needs_an_even_batch():
-    from src.errors import UserError
+    from src.core.errors import UserError
 
     cfg, _ = resolve_config("exp06", overrides=["train.batch_size=15"])
     with pytest.raises(UserError, match="even"):
@@ -257,8 +260,8 @@ def test_sam_updates_batchnorm_statistics_once_a_step_at_the_real_weights():
     step's starting weights does."""
     import copy
 
-    from src.optim import build_optimizer
-    from src.train import Training, train_step
+    from src.training.optim import build_optimizer
+    from src.training.loop import Training, train_step
 
     cfg, _ = resolve_config("exp10", "demo")
     torch.manual_seed(0)

@@ -18,11 +18,11 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from src.cli import board_command
-from src.config import resolve_config
-from src.data import load_competition_data
-from src.errors import UserError
-from src.metrics import scores
+from src.tools.board import board_command
+from src.core.config import resolve_config
+from src.data.competition import load_competition_data
+from src.core.errors import UserError
+from src.core.metrics import scores
 
 from .conftest import TINY_RUN, run_cli
 

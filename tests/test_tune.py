@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from src import train
-from src.config import CONFIG_DIR, resolve_config
-from src.errors import UserError
-from src.tune import load_space, run_tune
+from src.training import fold as train
+from src.core.config import resolve_config
+from src.core.paths import CONFIG_DIR
+from src.core.errors import UserError
+from src.tools.tune import load_space, run_tune
 
 from .conftest import TINY_RUN, assert_picture, run_cli
 from .test_tracking import assert_tensorboard_matches_history
@@ -112,4 +113,4 @@ def test_search_space_mistakes_stop_with_one_line(tmp_path, space, message):
 def test_tune_without_optuna_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(UserError, match=r"^tune needs the package optuna; run: pip install optuna==5.0.0$"):
-        run_tune("exp00", Path("configs/tune/basic.yaml"), 1, [0], None, None, tmp_path, "demo", [], None, "")
+        run_tune("exp00", Path("configs/tune/basic.yaml"), 1, [0], None, None, tmp_path, [], None, "")

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from src.config import resolve_config
-from src.data import load_competition_data
-from src.geometry import crop_image, measure_test_geometry, resolve_for_data, validation_crops, validation_set
-from src.metrics import painting_means, painting_scores, scores
-from src.optim import build_scheduler, fitted_cycle_steps, schedule_note, warm_restart_lr
-from src.score import paired_bootstrap
-from src.train import Training, train_one_epoch
-from src.transforms import build_train_transform
+from src.core.config import resolve_config
+from src.data.competition import load_competition_data
+from src.data.geometry import crop_image, measure_test_geometry, resolve_for_data, validation_crops, validation_set
+from src.core.metrics import painting_means, painting_scores, scores
+from src.training.schedules import build_scheduler, fitted_cycle_steps, schedule_note, warm_restart_lr
+from src.pipeline.score import paired_bootstrap
+from src.training.loop import Training, train_one_epoch
+from src.data.transforms import build_train_transform
 
 from .conftest import run_cli
 
@@ -183,7 +183,7 @@ def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
         expected = decay * expected + (1 - decay) * w
     torch.testing.assert_close(run.ema.module[1].weight, expected)
     assert not torch.allclose(run.ema.module[1].weight, run.model[1].weight)
-    assert run.predictor is run.ema_eval_model
+    assert run.predicting_model is run.ema_eval_model
 
 
 @pytest.mark.slow

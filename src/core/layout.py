@@ -1,0 +1,131 @@
+"""An experiment's output folder, defined in one place.
+
+OUTPUTS/NAME/ holds config.yaml, oof.csv, test_probs.csv, logs/ (fold jobs), tb/ (TensorBoard), .locks/ and one
+folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv and
+done.json. config.yaml comes in three shapes, all read by `read_saved`: an experiment (its resolved config), a TTA
+run (`tta` and the source's config under `source_config`) and an ensemble (`members`). Each holds its provenance
+under `run`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+from .files import write_json
+from .schema import ExperimentConfig
+
+DONE_FILE = "done.json"
+
+
+def _file(name: str) -> property:
+    return property(lambda self: self.path / name, doc=f"{name} in this folder")
+
+
+@dataclass(frozen=True)
+class FoldDir:
+    """One fold's files: its checkpoints, its history and probabilities, and done.json, which marks it finished with
+    the result fingerprint of its config and data."""
+    path: Path
+    best = _file("best.pt")
+    last = _file("last.pt")
+    history = _file("history.csv")
+    val_probs = _file("val_probs.csv")
+    test_probs = _file("test_probs.csv")
+    done = _file(DONE_FILE)
+
+    def done_record(self) -> Optional[dict[str, Any]]:
+        """What done.json holds (the fingerprint and the fold's result), or None while the fold is not done."""
+        return json.loads(self.done.read_text()) if self.done.is_file() else None
+
+    def write_done(self, fingerprint: str, result: dict[str, Any]) -> None:
+        write_json({"fingerprint": fingerprint, **result}, self.done)
+
+
+@dataclass(frozen=True)
+class ExperimentDir:
+    """An experiment's (or a TTA run's, or an ensemble's) folder under OUTPUTS."""
+    path: Path
+    config = _file("config.yaml")
+    oof = _file("oof.csv")
+    test_probs = _file("test_probs.csv")
+    tensorboard = _file("tb")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def fold(self, fold: int) -> FoldDir:
+        return FoldDir(self.path / f"fold{fold}")
+
+    def log(self, fold: int) -> Path:
+        """Where a fold job started by --gpus writes its output."""
+        return self.path / "logs" / f"fold{fold}.log"
+
+    def lock(self, name: str) -> Path:
+        """A lock file of the experiment (src/pipeline/locks.py): fold0 ... foldK, publish, tracking."""
+        return self.path / ".locks" / f"{name}.lock"
+
+    def locks(self) -> list[Path]:
+        return sorted((self.path / ".locks").glob("*.lock"))
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What an experiment's, a TTA run's or an ensemble's config.yaml says."""
+    name: str
+    raw: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return "ensemble" if "members" in self.raw else "tta" if "tta" in self.raw else "experiment"
+
+    @property
+    def parent(self) -> Optional[str]:
+        return self.raw.get("parent")
+
+    @property
+    def source(self) -> str:
+        """The experiment whose fold checkpoints this run predicts with: a TTA run's parent, else itself."""
+        return self.raw["parent"] if self.kind == "tta" else self.name
+
+    @property
+    def experiment(self) -> ExperimentConfig:
+        """The resolved config of the experiment, or of a TTA run's source (not for an ensemble)."""
+        if self.kind == "ensemble":
+            raise UserError(f"{self.name} is an ensemble; an experiment or a TTA run of one is needed here")
+        saved = self.raw["source_config"] if self.kind == "tta" else self.raw
+        return ExperimentConfig.model_validate({key: value for key, value in saved.items() if key != "run"})
+
+    @property
+    def tta(self) -> str:
+        return self.raw.get("tta", "none")
+
+    @property
+    def members(self) -> list[str]:
+        return list(self.raw.get("members", []))
+
+    @property
+    def validation(self) -> Optional[dict]:
+        return self.raw.get("validation")
+
+    @property
+    def run(self) -> dict[str, Any]:
+        """Provenance: git commit, packages, data root and fingerprint, precision, ..."""
+        return self.raw.get("run", {})
+
+
+def read_saved(out_dir: Path, required: bool = True) -> Optional[SavedRun]:
+    """The config.yaml under `out_dir`; when there is none, an error naming the command that writes it (or None
+    when not `required`)."""
+    path = ExperimentDir(out_dir).config
+    if not path.is_file():
+        if not required:
+            return None
+        raise UserError(f"{path} not found; run {out_dir.name} first (bash run.sh {out_dir.name}), or point --outputs "
+                        "at the folder that holds it")
+    return SavedRun(out_dir.name, yaml.safe_load(path.read_text(encoding="utf-8")) or {})

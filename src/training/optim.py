@@ -1,0 +1,101 @@
+"""Optimisers: Adam, AdamW or SGD, optionally wrapped in SAM, which is written here because torch has none."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..core.schema import OptimizerConfig
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-Aware Minimisation (Foret et al., 2021) around any base optimiser.
+
+    Each step takes two forward-backward passes: the first gradient moves the weights to the nearby
+    worst case w + rho * g / ||g||; the gradient there updates the original weights through the base
+    optimiser. At rho = 0 this is exactly the base optimiser (with twice the compute). The second pass only
+    measures a gradient: BatchNorm's running statistics are left as the first pass, at the real weights, made them.
+    """
+
+    def __init__(self, params, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05, **kwargs):
+        if rho < 0:
+            raise ValueError(f"SAM rho must be >= 0, got {rho}")
+        super().__init__(params, dict(kwargs))
+        self.rho = rho
+        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    @torch.no_grad()
+    def _ascend(self) -> None:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2) if grads else torch.tensor(0.0)
+        scale = self.rho / (norm + 1e-12)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                offset = p.grad * scale.to(p)
+                p.add_(offset)
+                self.state[p]["sam_offset"] = offset
+
+    @torch.no_grad()
+    def _descend(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "sam_offset" in self.state[p]:
+                    p.sub_(self.state[p].pop("sam_offset"))
+        self.base_optimizer.step()
+
+    def step(self, closure: Callable[[], torch.Tensor],  # type: ignore[override]
+             model: nn.Module | None = None) -> torch.Tensor:
+        """`closure` zeroes the gradients, runs `model` forward and backward, and returns the loss. Returns the
+        loss at the original weights."""
+        loss = closure()
+        self._ascend()
+        with running_statistics_kept(model):
+            closure()
+        self._descend()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def running_statistics_kept(model: nn.Module | None) -> Iterator[None]:
+    """The running mean, variance and batch count of every BatchNorm layer of `model` (SyncBatchNorm and timm's
+    BatchNormAct included) restored on exit to what they were on entry."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats] if model is not None else []
+    kept = [[buffer.clone() for buffer in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, (mean, var, count) in zip(layers, kept):
+                layer.running_mean.copy_(mean)
+                layer.running_var.copy_(var)
+                layer.num_batches_tracked.copy_(count)
+
+
+def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """Adam and AdamW use their fused kernels on CUDA: one kernel for all parameters instead of several per
+    parameter."""
+    fused = device.type == "cuda"
+    base, kwargs = {
+        "adam": (torch.optim.Adam, dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)),
+        "adamw": (torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)),
+        "sgd": (torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)),
+    }[cfg.name]
+    if cfg.sam_rho is not None:
+        return SAM(params, base, rho=cfg.sam_rho, **kwargs)
+    return base(params, **kwargs)
