@@ -137,6 +137,8 @@ def bench_arguments(command: argparse.ArgumentParser) -> None:
 
 
 def gpucheck_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--experiment", default="exp07", help="the rung to check and time (default exp07, "
+                         "TinyViT-21M at 384 px; exp22 is EVA-02-B at 448 px)")
     command.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                          help="cpu: the same checks on the CPU (slow; pass a tiny geometry as key=value)")
     command.add_argument("--steps", type=int, default=64, help="batches of the timed training epoch (the "
@@ -233,7 +235,8 @@ COMMANDS: dict[str, Command] = {
                      "training and inference, and what each speed switch buys (figures only)",
                      "src.tools.bench:command_bench", bench_arguments, (data_option, profile_option, outputs_option),
                      True),
-    "gpucheck": Command("[--data DIR] [key=value ...]", "GPU acceptance: a short exp07 run at the real geometry that "
+    "gpucheck": Command("[--experiment exp07] [--data DIR] [key=value ...]", "GPU acceptance: a short run of a rung "
+                        "(exp07 by default) at the real geometry that "
                         "checks predictions, augmentation streams and precision on the device and measures images/s",
                         "src.tools.gpucheck:command_gpucheck", gpucheck_arguments, (data_option, outputs_option),
                         True),
@@ -300,6 +303,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: unknown command or experiment '{argv[0]}' (see: bash run.sh help)", file=sys.stderr)
         return 2
     parser = build_parser()
+    stray = [item for item in argv[1:] if "=" in item and not item.startswith("-")]
+    if stray and not COMMANDS[argv[0]].overrides:
+        parser.error(f"unrecognised arguments: {' '.join(stray)} ({argv[0]} takes no key=value config overrides)")
     args, extra = parser.parse_known_args(argv)
     if args.command == "ladder":
         extra += [name for name in args.experiments if "=" in name]

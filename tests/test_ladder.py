@@ -60,10 +60,17 @@ TECHNIQUES = {
     "exp19": {"ema": True},
     "exp20": {"crop": "rrc", "strong": False, "hflip": True, "smoothing": 0.1, "schedule": "cosine"},
     "exp21": {"crop": "mimic"},
+    "exp22": {"backbone": "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", "ema": True, "smoothing": 0.2,
+              "layer_decay": 0.8, "drop_path": 0.15},
+    "exp23": {"backbone": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k", "smoothing": 0.1, "layer_decay": 0.6,
+              "drop_path": 0.1},
+    "exp24": {"backbone": "vit_base_patch14_dinov2.lvd142m", "smoothing": 0.1, "layer_decay": 0.75, "drop_path": 0.1},
+    "exp25": {"backbone": "eva02_large_patch14_448.mim_in22k_ft_in22k_in1k", "layer_decay": 0.85},
 }
 BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",
             "optimizer": torch.optim.Adam, "cutmix": None, "loss": nn.CrossEntropyLoss, "sampler": "none",
-            "style": False, "sam": None, "extra_colour": False, "smoothing": 0.0, "ema": False, "hflip": False}
+            "style": False, "sam": None, "extra_colour": False, "smoothing": 0.0, "ema": False, "hflip": False,
+            "layer_decay": None, "drop_path": None}
 
 
 def expected_techniques(name: str) -> dict:
@@ -110,6 +117,15 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert type(base) is expected["optimizer"]
     assert (run.optimizer.rho if isinstance(run.optimizer, SAM) else None) == expected["sam"]
     assert (run.cutmix.mix_prob if run.cutmix else None) == expected["cutmix"]
+    scales = sorted({group["lr_scale"] for group in run.optimizer.param_groups if "lr_scale" in group})
+    if expected["layer_decay"] is None:
+        assert not scales
+    else:  # timm's layer groups: each layer's lr a factor layer_decay below the one above it, the top one at 1
+        assert scales[-1] == 1.0 and len(scales) > 2
+        np.testing.assert_allclose(np.array(scales[:-1]) / np.array(scales[1:]), expected["layer_decay"])
+    drop = [m.drop_prob for m in run.model.modules() if type(m).__name__ == "DropPath" and m.drop_prob > 0]
+    assert (max(drop) if drop else None) == (pytest.approx(expected["drop_path"], rel=0.1)
+                                             if expected["drop_path"] else None)
     assert cfg.data.style_transfer == expected["style"]
     lr = [run.scheduler.lr_lambdas[0](step) for step in range(3 * len(run.loader) * 2)]
     floor = cfg.scheduler.min_lr / cfg.optimizer.lr

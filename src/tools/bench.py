@@ -121,7 +121,7 @@ class Bench:
         self.rows = data.train.iloc[np.arange(n_images) % len(data.train)]  # repeated when the data has fewer
         self.paths, self.labels = self.rows["path"].tolist(), self.rows["label"].tolist()
         self.figures: list[Figure] = []
-        model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes))
+        model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes), cfg.input.img_size)
         self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         self.cuda_only = "CUDA only" if self.device.type != "cuda" else ""
 

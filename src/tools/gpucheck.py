@@ -1,7 +1,8 @@
 """`bash run.sh gpucheck`: the GPU acceptance run.
 
-One short run of exp07 at the competition's geometry (TinyViT-21M at 384 px, random weights unless asked for the
-hub's, demo paintings of 1,200-2,200 px) through the real code path: DataLoader workers, the image cache,
+One short run of a rung (exp07 by default: TinyViT-21M at 384 px; --experiment exp22 for EVA-02-B at 448 px) at the
+competition's geometry (random weights unless asked for the hub's, demo paintings of 1,200-2,200 px) through the real
+code path: DataLoader workers, the image cache,
 autocast at the dtype the GPU computes in, channels_last and torch.compile. It checks on the device what only a GPU
 run would hit, and measures the speeds that matter:
 - predictions: the fold's val_probs.csv and test_probs.csv equal what a fresh model loaded from best.pt predicts,
@@ -48,7 +49,6 @@ from ..pipeline.resolve import resolve_with_data
 from ..pipeline.run import run_experiment
 from .bench import Bench, machine_line, peak_gib, reset_peak, waiting
 
-EXPERIMENT = "exp07"
 RUN_OVERRIDES = ["model.pretrained=false", "train.epochs=2", "train.patience=0", "train.folds=[0]",
                  "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=jpg"]
 # Probabilities of the same weights on the same device may differ by this much between two compiled graphs
@@ -173,7 +173,7 @@ def timed_prediction(predictor: Predictor, paths: list[str]) -> float:
 
 
 def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, overrides: list[str], steps: int,
-                 log: Callable[[str], None] = print) -> bool:
+                 log: Callable[[str], None] = print, experiment: str = "exp07") -> bool:
     """Train, check and measure; write outputs/gpucheck/report.md. Returns whether every check passed."""
     work = outputs / "gpucheck"
     if data_root is None:
@@ -182,7 +182,7 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         data_root = work / "data"
         log(f"gpucheck: demo paintings of 1,200-2,200 px in {data_root} (made once)")
         generate_demo_dataset(data_root, seed=0, scale=0.02, min_side=1200, max_side=2200)
-    cfg, _ = resolve_config(EXPERIMENT, None, RUN_OVERRIDES + [f"speed.cache_dir={work / 'cache'}"] + overrides)
+    cfg, _ = resolve_config(experiment, None, RUN_OVERRIDES + [f"speed.cache_dir={work / 'cache'}"] + overrides)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=lambda _: None)
     run = resolve_with_data(cfg, None, data, say=lambda _: None)
     cfg = run.cfg
@@ -242,6 +242,6 @@ def command_gpucheck(args: argparse.Namespace) -> None:
         return
     data_root = resolve_data_root(args.data) if args.data else None
     passed = run_gpucheck(data_root, Path(args.outputs), torch.device(args.device), list(args.overrides),
-                          args.steps, log)
+                          args.steps, log, args.experiment)
     if not passed:
         raise UserError("gpucheck: a check failed (FAIL above); see outputs/gpucheck/report.md")

@@ -30,7 +30,7 @@ from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
 from ..model.checkpoints import load_weights, read_checkpoint
 from .loop import Training, build_training, capture_rng, restore_rng, train_one_epoch
-from .schedules import early_stop_note, schedule_note
+from .schedules import base_lr, early_stop_note, schedule_note
 
 AfterEpoch = Callable[[int, dict], None]
 
@@ -162,7 +162,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     last_epoch = progress.epochs_done if progress.finished else cfg.train.epochs
     for epoch in range(progress.epochs_done + 1, last_epoch + 1):
         started = time.time()
-        lr = run.optimizer.param_groups[0]["lr"]
+        lr = base_lr(run.optimizer)
         stats = train_one_epoch(run, epoch, desc=f"{name} epoch {epoch}")
         scored, val_probs = validate(run, predictor, raw if run.ema is not None else None, val_loader, validation,
                                      name)

@@ -70,7 +70,7 @@ def embed_images(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, d
             if len(cached["features"]) == len(paths):
                 log(f"features: {len(paths)} images from {path}")
                 return cached["features"]
-    backbone = build_backbone(cfg.model).to(device)
+    backbone = build_backbone(cfg.model, cfg.input.img_size).to(device)
     mean, std = normalisation(backbone, cfg.input.mean, cfg.input.std)
     loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=test), boxes=boxes),
                          cfg.inference.batch_size, worker_count(cfg.train.num_workers, device), device, train=False)

@@ -27,8 +27,8 @@ from ..data.transforms import build_train_transform
 from ..model.networks import build_model, normalisation
 from ..model.prepare import prepare_model, uses_channels_last
 from .losses import build_loss
-from .optim import SAM, build_optimizer
-from .schedules import build_scheduler
+from .optim import SAM, build_optimizer, parameter_groups
+from .schedules import base_lr, build_scheduler
 from .sync_batchnorm import convert_sync_batchnorm
 
 # The training loop looks at its losses on the host (finite? running mean for the progress bar) once every this
@@ -161,13 +161,15 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
                    shared_seed: int = 0) -> Training:
     """Model (SyncBatchNorm under DDP), training loader over `rows` (path, label), optimiser, schedule, gradient
     scaler (float16 only), loss and CutMix, as the config says."""
-    model = sync_for(build_model(cfg.model, n_classes).to(device), cfg, ctx)
+    model = sync_for(build_model(cfg.model, n_classes, cfg.input.img_size).to(device), cfg, ctx)
+    if cfg.speed.grad_checkpointing:
+        enable_grad_checkpointing(model.backbone, cfg.model.backbone)
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device, processes=ctx.local_world_size)
     dataset = ImageDataset(rows["path"], rows["label"], build_train_transform(cfg, mean, std, seed=seed),
                            cache=image_cache)
     loader = train_loader_for(dataset, rows["label"].to_numpy(), cfg, device, workers, ctx, seed, shared_seed)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), device)
+    optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.optimizer), device)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
     use_scaler = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device) == torch.float16
     if use_scaler and isinstance(optimizer, SAM):
@@ -179,6 +181,15 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
                     torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
                     build_cutmix(cfg, n_classes), ema,
                     prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
+
+
+def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
+    """timm's set_grad_checkpointing: the blocks' activations are recomputed in the backward pass."""
+    try:
+        backbone.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError, AttributeError):
+        raise UserError(f"speed.grad_checkpointing: timm's {name} does not support gradient checkpointing; set "
+                        "speed.grad_checkpointing=false") from None
 
 
 def _check_finite(losses: list[torch.Tensor], lrs: list[float], first: int, desc: str, epoch: int) -> None:
@@ -240,7 +251,7 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
         if batch is None:
             break
         images, labels = batch
-        lrs.append(run.optimizer.param_groups[0]["lr"])
+        lrs.append(base_lr(run.optimizer))
         losses.append(train_step(run, to_device(images, device, channels_last), labels.to(device, non_blocking=True)))
         sizes.append(len(images))
         bar.update()

@@ -87,6 +87,28 @@ def running_statistics_kept(model: nn.Module | None) -> Iterator[None]:
                 layer.num_batches_tracked.copy_(count)
 
 
+def parameter_groups(model: nn.Module, cfg: OptimizerConfig):
+    """What the optimiser trains: every parameter at optimizer.lr, or with optimizer.layer_decay timm's layer-wise
+    groups of the backbone (param_groups_layer_decay: the backbone's group_matcher numbers its layers, layer i of L
+    gets lr_scale decay^(L - 1 - i); 1-D parameters and the backbone's no_weight_decay() names get no weight decay)
+    plus the head at lr_scale 1, as the top of timm's own models is. Each group's lr is optimizer.lr x its scale;
+    the schedule moves them all in proportion."""
+    if cfg.layer_decay is None:
+        return model.parameters()
+    from timm.optim._param_groups import param_groups_layer_decay
+
+    backbone = model.backbone
+    skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=skip,
+                                      layer_decay=cfg.layer_decay)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+               {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    return [group for group in groups if group["params"]]
+
+
 def build_optimizer(cfg: OptimizerConfig, params, device: torch.device) -> torch.optim.Optimizer:
     """Adam and AdamW use their fused kernels on CUDA: one kernel for all parameters instead of several per
     parameter."""

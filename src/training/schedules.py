@@ -86,6 +86,13 @@ def early_stop_note(cfg: SchedulerConfig, epochs: int, patience: int) -> str | N
             "will reach")
 
 
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The optimiser's learning rate before layer-wise decay: what the schedule sets (every parameter group trains
+    at it times its lr_scale)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
                     epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """'constant' keeps the optimiser's learning rate; 'cosine_warm_restarts' follows warm_restart_lr
@@ -93,7 +100,7 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, step
     is its single cycle over all the epochs."""
     if cfg.name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    peak = optimizer.param_groups[0]["lr"]
+    peak = base_lr(optimizer)
     cycle_steps = _cycle_steps(cfg, steps_per_epoch, epochs)
     warmup = min(cfg.warmup_steps, max(1, round(cycle_steps)) - 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warm_restart_lr(
