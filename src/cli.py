@@ -115,6 +115,13 @@ def tune_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--folds", type=int, nargs="+", default=[0], help="folds every trial trains (default: 0)")
     command.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     command.add_argument("--best-config", help="where the best delta goes (default: configs/EXP_SPACE_tuned.yaml)")
+    command.add_argument("--storage", help="where the study lives, shared by every worker that names it: an "
+                         "SQLAlchemy URL (postgresql://USER:PASSWORD@HOST/DB, mysql://..., sqlite:///PATH) or "
+                         "journal:PATH (a file on a file system all workers share); default: a SQLite file under "
+                         "OUTPUTS/tune, for the workers of one machine")
+    command.add_argument("--study", help="the study's name (default: EXP-SPACE)")
+    command.add_argument("--heartbeat", type=int, default=60, metavar="S", help="seconds between a running trial's "
+                         "heartbeats; a trial whose worker misses two is failed and run again (default 60)")
 
 
 def board_arguments(command: argparse.ArgumentParser) -> None:
@@ -225,9 +232,9 @@ COMMANDS: dict[str, Command] = {
     "export": Command("NAME [--precision auto|fp32|fp16]", "one folder and .zip with the fold weights, configs, code "
                       "and a predict.py that runs offline (a Kaggle dataset for an offline kernel)",
                       "src.pipeline.export:command_export", export_arguments, (outputs_option,)),
-    "tune": Command("EXP --trials N [--space basic] [--folds 0]", "Optuna search over config keys "
-                    "(configs/tune/*.yaml): TPE, median pruning per epoch, a study that a rerun resumes, the best "
-                    "delta as a new config", "src.tools.tune:command_tune", tune_arguments,
+    "tune": Command("EXP --trials N [--space basic] [--folds 0] [--storage URL --study NAME]", "Optuna search "
+                    "over config keys (configs/tune/*.yaml): TPE, median pruning per epoch, one study that any number "
+                    "of workers on any machines fill together (--storage), the best delta as a new config", "src.tools.tune:command_tune", tune_arguments,
                     (data_option, profile_option, outputs_option), True),
     "board": Command("[EXP ...] [--port 6006]", "TensorBoard over the experiments' tb/ folders",
                      "src.tools.board:command_board", board_arguments, (outputs_option,)),

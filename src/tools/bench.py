@@ -19,6 +19,7 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,6 +39,7 @@ from ..inference.tta import with_tta
 from ..model.networks import build_model, normalisation
 from ..model.prepare import uses_channels_last
 from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
+from .flops import compute_dtype, flops_per_training_image, peak_flops, utilisation
 
 
 @dataclass
@@ -207,10 +209,28 @@ class Bench:
 
         return self.timed(step), peak_gib(self.device)
 
+    @cached_property
+    def limits(self) -> tuple[float, float, torch.dtype]:
+        """FLOPs of the trainer's step per image (at the config's switches), the device's peak FLOP/s in the
+        config's compute dtype, and that dtype."""
+        run = self.training(self.cfg, self.rows)
+        dtype = compute_dtype(run)
+        return flops_per_training_image(run), peak_flops(self.device, dtype), dtype
+
+    def limits_line(self) -> str:
+        flops, peak, dtype = self.limits
+        return (f"model: {flops / 1e9:,.2f} GFLOP per training image (forward and backward, counted by "
+                f"FlopCounterMode at {self.cfg.input.img_size}px); device peak: {peak / 1e12:.3g} TFLOP/s (dense "
+                f"matmul in {str(dtype).removeprefix('torch.')}, measured now)")
+
+    def mfu(self, images_per_s: float) -> str:
+        flops, peak, _ = self.limits
+        return utilisation(images_per_s, flops, peak)
+
     def model_ceiling(self) -> float:
         section, base = "training steps (batch on device)", plain(self.cfg)
         plain_rate, memory = self.train_steps(base)
-        self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory))
+        self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory, note=self.mfu(plain_rate)))
         dtype = autocast_dtype(True, self.cfg.train.amp_dtype, self.device)
         autocast_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "autocast"
         switches = {autocast_name: dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
@@ -227,7 +247,7 @@ class Bench:
             amp = switch.pop("amp")
             rate, memory = self.train_steps(with_speed(base, amp, **switch))
             best = max(best, rate)
-            self.add(Figure(section, name, rate, plain_rate, memory))
+            self.add(Figure(section, name, rate, plain_rate, memory, note=self.mfu(rate)))
         return best
 
     def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> EpochStats:
@@ -242,14 +262,16 @@ class Bench:
         section = "training loop (real images)"
         plain_stats = self.train_loop(plain(self.cfg), None)
         self.add(Figure(section, "plain: fp32, decode every image", plain_stats.images_per_s,
-                        peak_gib=peak_gib(self.device), note=waiting(plain_stats)))
+                        peak_gib=peak_gib(self.device),
+                        note=f"{waiting(plain_stats)}; {self.mfu(plain_stats.images_per_s)}"))
         cache = ImageCache(cache_root / self.cfg.speed.image_cache, needed_short_side(self.cfg),
                            self.cfg.speed.image_cache) if self.cfg.speed.image_cache != "none" else None
         stats = self.train_loop(self.cfg, cache)
         share = f"; {100 * stats.images_per_s / ceiling:.0f}% of the steps-only rate" if ceiling else ""
         cached = f"{self.cfg.speed.image_cache} cache warm" if cache else "no image cache"
         self.add(Figure(section, f"config switches, {cached}", stats.images_per_s,
-                        plain_stats.images_per_s, peak_gib(self.device), note=waiting(stats) + share))
+                        plain_stats.images_per_s, peak_gib(self.device),
+                        note=f"{waiting(stats)}{share}; {self.mfu(stats.images_per_s)}"))
 
     def inference(self) -> None:
         section = "inference"
@@ -290,7 +312,8 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     log(f"bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}, "
         f"{len(bench.paths)} images of {data.root}, {bench.workers} workers, {steps} timed steps on "
         f"{bench.device.type}")
-    log("\n".join(header))
+    limits = [bench.limits_line()] if {"steps", "loop"} & set(sections) else []
+    log("\n".join([*limits, *header]))
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=outputs) as cache_root:
         if "pipeline" in sections:
@@ -304,8 +327,8 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     log(f"machine: {machine}")
     path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
     write_text("\n".join([f"# bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}",
-                          "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", "",
-                          *header, *(figure.row() for figure in bench.figures)]) + "\n", path)
+                          "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", *limits,
+                          "", *header, *(figure.row() for figure in bench.figures)]) + "\n", path)
     return path
 
 

@@ -212,11 +212,13 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     loop = bench.train_loop(bench.cfg, ImageCache(Path(cfg.speed.cache_dir), needed_short_side(cfg), "jpg"))
     peaks.append(peak_gib(device))
     peak = max((p for p in peaks if p is not None), default=None)
+    fold_rate = history["train_images_per_s"].iloc[-1]
     figures = [f"| training: the trainer's epoch over {loop.images} images, {bench.workers} workers, jpg cache "
-               f"warm | {loop.images_per_s:,.1f} images/s | {waiting(loop)} |",
+               f"warm | {loop.images_per_s:,.1f} images/s | {waiting(loop)}; {bench.mfu(loop.images_per_s)} |",
                f"| training: fold run, epoch {len(history)} ({len(data.train) - len(val_rows)} images) | "
-               f"{history['train_images_per_s'].iloc[-1]:,.1f} images/s | input pipeline: "
-               f"{100 * history['data_wait_share'].iloc[-1]:.0f}% of the time |",
+               f"{fold_rate:,.1f} images/s | input pipeline: {100 * history['data_wait_share'].iloc[-1]:.0f}% of the "
+               f"time; {bench.mfu(fold_rate)} |",
+               f"| model FLOPs and the device's peak | | {bench.limits_line()} |",
                f"| prediction: {len(data.test)} test crops, no TTA, second pass | {predict_rate:,.1f} images/s | |",
                f"| peak GPU memory | {f'{peak:.2f} GiB' if peak is not None else 'CUDA only'} | fold run and the "
                f"trainer's epoch |"]

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -28,6 +32,7 @@ from ..core.layout import ExperimentDir
 from ..core.paths import CONFIG_DIR, TUNE_DIR
 from ..pipeline.resolve import RunConfig
 from ..pipeline.run import run_experiment
+from .study_storage import open_storage
 PACKAGE = "optuna==5.0.0"
 Value = Union[bool, int, float, str, list]
 
@@ -206,45 +211,57 @@ def write_best_config(study, experiment: str, folds: list[int], base_overrides: 
 
 def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], timeout: Optional[float],
              base: RunConfig, outputs: Path, base_overrides: list[str], best_config: Optional[Path], command: str,
-             log: Callable[[str], None] = print) -> Optional[Path]:
-    """`base` is the tuned experiment resolved on the data; every trial is that experiment with the trial's values,
-    its data-decided values from the same measurement."""
-    """Run trials until the study holds `trials` finished (complete or pruned) ones or `timeout` seconds pass; then
-    write the table, the picture and the best config. Returns the best config's path (None if no trial finished)."""
+             log: Callable[[str], None] = print, storage: Optional[str] = None, study_name: Optional[str] = None,
+             heartbeat: int = 60) -> Optional[Path]:
+    """Run trials until the study holds `trials` finished (complete or pruned) ones or `timeout` seconds pass, as
+    one of any number of workers that open the same study in the same storage (default: a SQLite file under
+    OUTPUTS/tune). Every trial is the tuned experiment (`base`, resolved on the data) with the trial's values. The
+    worker whose trial completes the study (or a single worker that ends by timeout, or finds it complete) writes
+    the table, the picture and the best config. Returns the best config's path (None if none was written)."""
     try:
         import optuna
     except ImportError:
         raise UserError(f"tune needs the package optuna; run: pip install {PACKAGE}") from None
+    from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+
     profile = base.profile
     space = load_space(space_file, experiment, profile, base_overrides)
-    study_name = f"{experiment}-{space_file.stem}"
+    study_name = study_name or f"{experiment}-{space_file.stem}"
     tune_dir = outputs / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(tune_dir / f'{study_name}.db').resolve()}"
+    local = storage is None
+    storage = storage or f"sqlite:///{(tune_dir / f'{study_name}.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage, heartbeat), direction="maximize",
+                                load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
                                                                    n_warmup_steps=space.prune_from_epoch))
     states = optuna.trial.TrialState
-    for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        study.tell(stale.number, state=states.FAIL)  # a trial whose process was killed: one process per study
-        log(f"{study_name}: trial {stale.number} was interrupted; marked failed")
-    finished = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
-    # Seeded; a resumed study moves the seed on instead of repeating the first proposals.
-    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials),
+    finished = (states.COMPLETE, states.PRUNED)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    # Seeded; a resumed study moves the seed on instead of repeating the first proposals, and workers of a shared
+    # study each draw their own proposals.
+    offset = 0 if local else zlib.crc32(worker.encode())
+    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials) + offset,
                                                n_startup_trials=space.random_trials)
-    log(f"{study_name}: {finished} of {trials} trials finished in {storage.removeprefix('sqlite:///')}; "
+    log(f"{study_name}: {count(study, finished)} of {trials} trials finished in {_shown(storage)}; worker {worker} "
         f"tuning {', '.join(space.params)} on folds {folds}")
 
     def objective(trial) -> float:
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         params = {key: suggest(trial, key, param) for key, param in space.params.items()}
-        name = f"{study_name}-t{trial.number:03d}"
+        name = f"{study_name}-t{retried if retried is not None else trial.number:03d}"  # a retry resumes its folds
         trial.set_user_attr("experiment", name)
+        trial.set_user_attr("worker", worker)
         cfg, _ = resolve_config(experiment, profile, [*base_overrides, *(override(k, v) for k, v in params.items()),
                                                       override("train.folds", folds)])
         run = base.for_config(cfg.model_copy(update={"name": name}))
         out_dir = tune_dir / study_name / name
-        log(f"{name}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}")
+        log(f"{name}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}"
+            + (f" (trial {trial.number}, retrying trial {retried} of a worker that died)" if retried is not None
+               else ""))
 
         def on_epoch(fold: int, record: dict) -> None:
             step = folds.index(fold) * run.cfg.train.epochs + int(record["epoch"])
@@ -261,28 +278,56 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
         trained = ExperimentDir(out_dir)
         return float(np.mean([trained.fold(k).done_record()["best_macro_f1"] for k in folds]))
 
+    completed_it = False
+
     def report(study, trial) -> None:
+        nonlocal completed_it
         value = (f"value {trial.value:.4f}" if trial.state == states.COMPLETE else
                  f"{trial.state.name.lower()} after {len(trial.intermediate_values)} epochs")
         best = f"; best so far trial {study.best_trial.number} ({study.best_value:.4f})" if any(
             t.state == states.COMPLETE for t in study.trials) else ""
         log(f"{study_name}: trial {trial.number} {value}{best}")
+        finished_by_then = [t for t in study.get_trials(deepcopy=False, states=finished)
+                            if t.datetime_complete <= trial.datetime_complete]
+        completed_it = completed_it or len(finished_by_then) == trials
 
-    started = time.time()
-    if finished < trials:
-        study.optimize(objective, n_trials=trials - finished, timeout=timeout, catch=(UserError,), callbacks=[report])
-    study_dir = tune_dir / study_name
+    started, complete_on_arrival, ran = time.time(), count(study, finished) >= trials, 0
+    while count(study, finished) < trials and (timeout is None or time.time() - started < timeout):
+        if count(study, (*finished, states.RUNNING)) >= trials and not count(study, (states.WAITING,)):
+            fail_stale_trials(study)  # the last trials run elsewhere; a dead worker's are failed and enqueued again
+            time.sleep(min(5.0, heartbeat / 2))
+            continue
+        study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[report])
+        ran += 1
+    if not (completed_it or complete_on_arrival or (count(study, finished) < trials and ran)):
+        log(f"{study_name}: {count(study, finished)} of {trials} trials finished; the worker that finishes the "
+            "study writes its table and best config")
+        return None
+    return write_report(study, experiment, folds, base_overrides, tune_dir / study_name,
+                        best_config or CONFIG_DIR / f"{study_name.replace('-', '_')}_tuned.yaml", command, started, log)
+
+
+def count(study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _shown(storage: str) -> str:
+    return storage.removeprefix("sqlite:///")
+
+
+def write_report(study, experiment: str, folds: list[int], base_overrides: list[str], study_dir: Path,
+                 best_config: Path, command: str, started: float, log: Callable[[str], None]) -> Optional[Path]:
+    """trials.csv, trials.md and trials.png under `study_dir`, and the best trial as a config delta."""
     table = trials_table(study)
     write_csv(table, study_dir / "trials.csv")
     write_text(to_markdown(table), study_dir / "trials.md")
     picture = plot_trials(study, study_dir / "trials.png")
     log(f"wrote {study_dir / 'trials.csv'}, {study_dir / 'trials.md'}, {picture}")
-    if not any(t.state == states.COMPLETE for t in study.trials):
-        log(f"{study_name}: no trial finished yet, so there is no best config; run more trials")
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        log(f"{study.study_name}: no trial finished yet, so there is no best config; run more trials")
         return None
-    path = write_best_config(study, experiment, folds, base_overrides,
-                             best_config or CONFIG_DIR / f"{study_name.replace('-', '_')}_tuned.yaml", command)
-    log(f"{study_name}: best trial {study.best_trial.number}, mean best val macro F1 {study.best_value:.4f}: "
+    path = write_best_config(study, experiment, folds, base_overrides, best_config, command)
+    log(f"{study.study_name}: best trial {study.best_trial.number}, mean best val macro F1 {study.best_value:.4f}: "
         f"{tidy(study.best_trial.params)}; wrote {path} (bash run.sh {path.stem}) | "
         f"{(time.time() - started) / 60:.1f} min")
     return path
@@ -291,7 +336,10 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
 def command_tune(args: argparse.Namespace) -> None:
     from ..pipeline.resolve import log, resolve_run
 
+    if args.storage:  # a storage nobody can use stops before the data is read and any trial trains
+        open_storage(args.storage, args.heartbeat)
     base = resolve_run(args.experiment, args.profile, args.overrides, args.data)
     run_tune(args.experiment, space_path(args.space), args.trials, args.folds, args.timeout, base,
              Path(args.outputs), list(args.overrides), Path(args.best_config) if args.best_config else None,
-             " ".join(["bash run.sh tune", *sys.argv[2:]]), log=log)
+             " ".join(["bash run.sh tune", *sys.argv[2:]]), log=log, storage=args.storage, study_name=args.study,
+             heartbeat=args.heartbeat)

@@ -1,0 +1,101 @@
+"""Where a tuning study lives, so that any number of workers, on one machine or many, fill one study together:
+the local SQLite file (the default), a database any worker reaches (an SQLAlchemy URL: postgresql://, mysql://,
+sqlite:///), or Optuna's journal file on a file system every worker shares (journal:PATH).
+
+Every storage keeps a heartbeat per running trial: a worker that dies mid-trial (kill -9, a lost node) stops beating,
+and the next worker to look fails its trial and enqueues it again (Optuna's RetryHeartbeatStaleTrialCallback), so the study
+never waits for a trial nobody runs. Optuna's RDBStorage has the heartbeat built in; its journal storage has none
+in 5.0, so the heartbeat is a trial system attribute here, written by Optuna's own heartbeat thread.
+
+A storage that cannot be used (a database that does not answer, a wrong password, a missing driver, a journal on a
+disk that cannot be written) stops with one line before any trial trains.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import UserError
+
+JOURNAL_PREFIX = "journal:"
+HEARTBEAT_ATTR = "heartbeat"
+# The database drivers SQLAlchemy imports for each URL scheme, and what installs them.
+DRIVERS = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg": "psycopg[binary]",
+           "mysql.connector": "mysql-connector-python"}
+RETRIES = 3  # times a trial whose worker died is run again
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def journal_storage(path: Path, heartbeat: int, retry) -> Any:
+    """Optuna's JournalStorage on `path`, with a heartbeat per running trial kept as a trial system attribute."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+
+    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # the trial ended between two beats
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            now = time.time()
+            return [trial._trial_id for trial in self.get_all_trials(study_id, deepcopy=False,
+                                                                     states=(TrialState.RUNNING,))
+                    if now - trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp())
+                    > 2 * heartbeat]
+
+        def get_heartbeat_interval(self) -> int:
+            return heartbeat
+
+        def get_heartbeat_stale_trial_callback(self):
+            return retry
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+        return HeartbeatJournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise UserError(f"--storage {JOURNAL_PREFIX}{path}: cannot write {path} ({exc.strerror or exc}); put the "
+                        "journal on a writable folder that every worker shares") from None
+
+
+def open_storage(storage: str, heartbeat: int) -> Any:
+    """The Optuna storage `storage` names ("journal:PATH" or an SQLAlchemy URL), checked by connecting to it."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+    if storage.startswith(JOURNAL_PREFIX):
+        return journal_storage(Path(storage[len(JOURNAL_PREFIX):]).expanduser(), heartbeat, retry)
+    shown = _without_password(storage)
+    try:
+        return RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          heartbeat_stale_trial_callback=retry)
+    except ImportError as exc:  # Optuna wraps the driver's ModuleNotFoundError
+        module = getattr(exc.__cause__ or exc.__context__, "name", None) or exc.name or "?"
+        package = next((pip for name, pip in DRIVERS.items() if module == name or module.startswith(f"{name}.")),
+                       module)
+        raise UserError(f"--storage {shown}: the database driver {module} is not installed; run: pip install "
+                        f"{package}") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises one class per dialect and failure; each is one line
+        kind = type(exc).__name__
+        raise UserError(f"--storage {shown}: cannot use the database ({kind}: {_first_line(exc)}); check the URL, "
+                        "that the server runs and answers from this machine, and the user and password") from None
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be printed: user:PASSWORD@host becomes user:***@host."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
