@@ -13,10 +13,11 @@ from typing import Callable, Optional
 from .core.errors import UserError, one_line
 from .core.paths import CONFIG_DIR, DEMO_ROOT, OUTPUTS, SUBMISSIONS
 
-ABOUT = """Artist classification (Dacon 236006): name the painter (50 artists) of a crop of about a quarter of a painting,
-scored by macro F1. Plain PyTorch over timm backbones, 5-fold CV with out-of-fold predictions for every experiment,
-an ablation ladder of configs under configs/ (each a delta from its parent), TTA, ensembles and an offline export.
-Without inputs/train.csv every command uses the built-in demo data; without CUDA, the CPU demo profile."""
+ABOUT = """Artist classification (Dacon 236006): name the painter (50 artists) of a crop of about a quarter of a
+painting, scored by macro F1. Plain PyTorch over timm backbones, 5-fold CV with out-of-fold predictions for every
+experiment, an ablation ladder of configs under configs/ (each a delta from its parent), TTA, ensembles and an
+offline export. Without inputs/train.csv every command uses the built-in demo data; without CUDA, the CPU demo
+profile."""
 OVERRIDES = "Any number of key=value arguments override the config, e.g. train.epochs=3 (bash run.sh show EXP ...)."
 
 
@@ -140,7 +141,8 @@ def bench_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--workers", type=int, help="DataLoader workers (default: every core but one on a GPU "
                          "machine, two on the CPU)")
     command.add_argument("--sections", default="pipeline,steps,loop,inference",
-                         help="which figures: pipeline, steps (model alone), loop (real images), inference")
+                         help="which figures: pipeline, steps (model alone), loop (real images), inference, memory "
+                         "(the training memory estimated on the CPU and the batch that fits 16/24/40/80 GB)")
 
 
 def gpucheck_arguments(command: argparse.ArgumentParser) -> None:
@@ -216,8 +218,8 @@ COMMANDS: dict[str, Command] = {
                       "folds", "src.pipeline.run:command_ladder", ladder_arguments,
                       (data_option, profile_option, outputs_option, submissions_option, training_options), True),
     "show": Command("EXP [key=value ...] [--profile demo|none]", "print the resolved config as YAML: the parent "
-                    "chain and what the profile and the overrides changed; runs nothing", "src.pipeline.show:command_show",
-                    show_arguments, (profile_option,), True),
+                    "chain and what the profile and the overrides changed; runs nothing",
+                    "src.pipeline.show:command_show", show_arguments, (profile_option,), True),
     "score": Command("[EXP ...] [--detail EXP]", "the ablation table from the OOF files (outputs/ablation.md and "
                      ".csv)", "src.pipeline.score:command_score", score_arguments, (outputs_option,)),
     "tta": Command("EXP [--mode hflip|flips|d4]", "predict a finished experiment's validation folds and test set "
@@ -234,7 +236,8 @@ COMMANDS: dict[str, Command] = {
                       "src.pipeline.export:command_export", export_arguments, (outputs_option,)),
     "tune": Command("EXP --trials N [--space basic] [--folds 0] [--storage URL --study NAME]", "Optuna search "
                     "over config keys (configs/tune/*.yaml): TPE, median pruning per epoch, one study that any number "
-                    "of workers on any machines fill together (--storage), the best delta as a new config", "src.tools.tune:command_tune", tune_arguments,
+                    "of workers on any machines fill together (--storage), the best delta as a new config",
+                    "src.tools.tune:command_tune", tune_arguments,
                     (data_option, profile_option, outputs_option), True),
     "board": Command("[EXP ...] [--port 6006]", "TensorBoard over the experiments' tb/ folders",
                      "src.tools.board:command_board", board_arguments, (outputs_option,)),

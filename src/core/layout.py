@@ -62,6 +62,11 @@ class ExperimentDir:
     def fold(self, fold: int) -> FoldDir:
         return FoldDir(self.path / f"fold{fold}")
 
+    def fold_histories(self) -> dict[int, Path]:
+        """The history.csv of every fold that has one, by fold number."""
+        paths = sorted(self.path.glob("fold*/history.csv"))
+        return {int(path.parent.name.removeprefix("fold")): path for path in paths}
+
     def log(self, fold: int) -> Path:
         """Where a fold job started by --gpus writes its output."""
         return self.path / "logs" / f"fold{fold}.log"

@@ -46,7 +46,7 @@ class AugmentConfig(_Strict):
     resize_scale: float = Field(2.0, ge=1.0)
     mimic_scale: Union[Literal["auto"], float] = Field(
         800 / 384, description="auto: measured from the data, so the crop covers the test images' share of a "
-        "painting's area (src/geometry.py)")
+        "painting's area (src/data/geometry.py)")
     rrc_scale: tuple[float, float] = Field((0.25, 1.0), description="area share range of crop=rrc")
     rrc_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="aspect range of crop=rrc")
     hflip: bool = Field(False, description="horizontal flip with probability 0.5 (the strong set has it already)")
@@ -81,7 +81,7 @@ class ValidationConfig(_Strict):
     crops_per_image: int = Field(4, ge=1)
     crop_area: Union[Literal["auto"], tuple[float, float]] = Field(
         "auto", description="share of a painting's area a crop covers, drawn log-uniformly from (low, high); auto: "
-        "the quartiles measured from the train and test image sizes (src/geometry.py)")
+        "the quartiles measured from the train and test image sizes (src/data/geometry.py)")
     seed: int = Field(0, description="the crops depend only on this seed and the image id, so every experiment "
                       "validates on the same crops")
 
@@ -188,7 +188,7 @@ class FrozenConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Where a run's metrics go besides history.csv (src/tracking.py). None of it changes what a fold learns."""
+    """Where a run's metrics go besides history.csv (src/pipeline/tracking.py). None of it changes what a fold learns."""
     tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
     wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
     wandb_project: str = "artist-classification"

@@ -24,7 +24,7 @@ from .transforms import reseed
 class ImageDataset:
     """(image tensor, label) pairs; label is -1 where unknown (test). A key is a row index, or (row index, seed) to
     augment the image with that seed. With `boxes` (relative, one per row) each row is that crop of its image, as
-    validation crops are. With an image cache (src/image_cache.py) each image is decoded once, shrunk, and loaded
+    validation crops are. With an image cache (src/data/image_cache.py) each image is decoded once, shrunk, and loaded
     from the cache afterwards."""
 
     def __init__(self, paths: list[str], labels: Optional[list[int]], transform: Callable, cache=None,

@@ -94,7 +94,7 @@ def reseed(transform: A.Compose, seed: int) -> None:
 
 def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Compose:
     """Crop (cfg.augment.crop), optional augmentation sets, normalise; seeded with one stream for all transforms.
-    Training loaders reseed it for every image (src/loader.py)."""
+    Training loaders reseed it for every image (src/data/loader.py)."""
     aug = cfg.augment
     steps = train_crop(aug, cfg.input.img_size)
     steps += [A.HorizontalFlip(p=0.5, strict=True)] if aug.hflip else []

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.files import atomic_path
+from ..core.layout import ExperimentDir
 
 
 def pyplot():
@@ -30,8 +31,7 @@ def save_png(fig, path: Path, dpi: int = 110) -> Path:
 def plot_training_curves(out_dir: Path) -> Optional[Path]:
     """Loss, validation macro F1 and learning rate per epoch, one colour per fold (from fold*/history.csv);
     None for experiments without epochs (frozen features, TTA, ensembles)."""
-    histories = {int(p.parent.name.removeprefix("fold")): pd.read_csv(p)
-                 for p in sorted(out_dir.glob("fold*/history.csv"))}
+    histories = {fold: pd.read_csv(path) for fold, path in ExperimentDir(out_dir).fold_histories().items()}
     if not histories:
         return None
     plt = pyplot()

@@ -40,6 +40,8 @@ from ..model.networks import build_model, normalisation
 from ..model.prepare import uses_channels_last
 from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
 from .flops import compute_dtype, flops_per_training_image, peak_flops, utilisation
+from .memory import estimate
+from .memory import table as memory_table
 
 
 @dataclass
@@ -227,6 +229,11 @@ class Bench:
         flops, peak, _ = self.limits
         return utilisation(images_per_s, flops, peak)
 
+    def memory(self) -> list[str]:
+        """The estimated training memory and the largest batch for common GPU sizes (src/tools/memory.py)."""
+        run = self.training(self.cfg, self.rows)
+        return memory_table(estimate(run), self.cfg.train.batch_size, multiple=2 if self.cfg.train.cutmix_prob else 1)
+
     def model_ceiling(self) -> float:
         section, base = "training steps (batch on device)", plain(self.cfg)
         plain_rate, memory = self.train_steps(base)
@@ -301,7 +308,7 @@ def machine_line(device: torch.device) -> str:
             f"peak process memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 
-SECTIONS = ("pipeline", "steps", "loop", "inference")
+SECTIONS = ("pipeline", "steps", "loop", "inference", "memory")
 
 
 def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_images: int, steps: int,
@@ -323,12 +330,16 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
             bench.real_loop(Path(cache_root), ceiling)
     if "inference" in sections:
         bench.inference()
+    memory = bench.memory() if "memory" in sections else []
+    if memory:
+        log("\n".join(memory))
     machine = machine_line(bench.device)
     log(f"machine: {machine}")
     path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
     write_text("\n".join([f"# bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}",
                           "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", *limits,
-                          "", *header, *(figure.row() for figure in bench.figures)]) + "\n", path)
+                          "", *header, *(figure.row() for figure in bench.figures), *([""] + memory if memory else [])])
+               + "\n", path)
     return path
 
 

@@ -3,9 +3,9 @@ the local SQLite file (the default), a database any worker reaches (an SQLAlchem
 sqlite:///), or Optuna's journal file on a file system every worker shares (journal:PATH).
 
 Every storage keeps a heartbeat per running trial: a worker that dies mid-trial (kill -9, a lost node) stops beating,
-and the next worker to look fails its trial and enqueues it again (Optuna's RetryHeartbeatStaleTrialCallback), so the study
-never waits for a trial nobody runs. Optuna's RDBStorage has the heartbeat built in; its journal storage has none
-in 5.0, so the heartbeat is a trial system attribute here, written by Optuna's own heartbeat thread.
+and the next worker to look fails its trial and enqueues it again (Optuna's RetryHeartbeatStaleTrialCallback), so
+the study never waits for a trial nobody runs. Optuna's RDBStorage has the heartbeat built in; its journal storage
+has none in 5.0, so the heartbeat is a trial system attribute here, written by Optuna's own heartbeat thread.
 
 A storage that cannot be used (a database that does not answer, a wrong password, a missing driver, a journal on a
 disk that cannot be written) stops with one line before any trial trains.
