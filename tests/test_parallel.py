@@ -156,8 +156,8 @@ def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_ro
                                atol=1e-6)
     gathered = pd.read_csv(fold_dir / "test_probs.csv", dtype={"id": str})
     assert gathered["id"].tolist() == data.test["id"].tolist()
-    np.testing.assert_allclose(gathered[data.classes].to_numpy(), one_process.predict(data.test["path"].tolist(), test=True),
-                               atol=1e-6)
+    expected = one_process.predict(data.test["path"].tolist(), test=True)
+    np.testing.assert_allclose(gathered[data.classes].to_numpy(), expected, atol=1e-6)
     node_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
     assert sorted(p.name for p in node_dir.iterdir()) == sorted(FOLD_FILES)
     for name in ("val_probs.csv", "test_probs.csv"):

@@ -104,8 +104,9 @@ def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experime
     with zipfile.ZipFile(export / "exp00.zip") as archive:
         archive.extractall(unpacked)
     names = sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
-    assert {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/pipeline/predict.py", "configs/exp00.yaml",
-            "models/exp00/config.yaml", *(f"models/exp00/fold{k}/best.pt" for k in range(5))} <= set(names)
+    expected = {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/pipeline/predict.py",
+                "configs/exp00.yaml", "models/exp00/config.yaml", *(f"models/exp00/fold{k}/best.pt" for k in range(5))}
+    assert expected <= set(names)
     assert not [name for name in names if name.endswith(("last.pt", ".csv")) or "__pycache__" in name]
     manifest = json.loads((unpacked / "manifest.json").read_text())["members"]["exp00"]
     checkpoint = torch.load(unpacked / "models/exp00/fold0/best.pt", weights_only=True)

@@ -3,7 +3,6 @@
 where declared, and its crops cover the test crops' share of a painting and are as distorted as they are."""
 from __future__ import annotations
 
-import math
 
 import albumentations as A
 import numpy as np

@@ -8,7 +8,8 @@ import yaml
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 from src.core.errors import UserError
-from src.pipeline.score import ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement, resampled_rank_interval, write_ablation
+from src.pipeline.score import (ablation_table, class_report, fast_macro_f1, paired_bootstrap, rank_agreement,
+                                resampled_rank_interval, write_ablation)
 
 from .conftest import assert_picture, run_cli
 

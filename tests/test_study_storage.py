@@ -33,7 +33,8 @@ def worker(root: Path, work: Path, storage: str) -> subprocess.Popen:
     shutil.copy2(REPO / "configs" / "exp00.yaml", work / "configs" / "exp00.yaml")  # the best config's parent
     command = [sys.executable, "-m", "src.cli", "tune", "exp00", "--space", str(work / "tiny.yaml"), "--trials",
                str(TRIALS), "--folds", "0", "--storage", storage, "--study", "shared", "--heartbeat", "1",
-               "--data", str(root), "--outputs", str(work / "outputs"), "--best-config", str(work / "configs" / "best.yaml"),
+               "--data", str(root), "--outputs", str(work / "outputs"),
+               "--best-config", str(work / "configs" / "best.yaml"),
                *TINY_RUN]
     log = open(work / f"worker-{time.monotonic_ns()}.log", "w")
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

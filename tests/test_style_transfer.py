@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from src.data.competition import STYLE_COLUMNS, STYLE_CSV
-from src.tools.style_transfer import OUTPUT_DIR, StyleSettings, VGG16_ONNX, build_extractor, gram_matrix, match_colours, plan_images, stylise, transfer_style, vgg16_features_from_pypi, vgg_layer_names
+from src.tools.style_transfer import (OUTPUT_DIR, VGG16_ONNX, StyleSettings, build_extractor, gram_matrix,
+                                      match_colours, plan_images, stylise, transfer_style, vgg16_features_from_pypi,
+                                      vgg_layer_names)
 
 from .conftest import run_cli
 

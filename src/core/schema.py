@@ -188,7 +188,8 @@ class FrozenConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    """Where a run's metrics go besides history.csv (src/pipeline/tracking.py). None of it changes what a fold learns."""
+    """Where a run's metrics go besides history.csv (src/pipeline/tracking.py); none of it changes what a fold
+    learns."""
     tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
     wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
     wandb_project: str = "artist-classification"

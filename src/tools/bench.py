@@ -315,12 +315,15 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
               warmup: int, workers: Optional[int], sections: tuple[str, ...] = SECTIONS,
               log: Callable[[str], None] = print) -> Path:
     bench = Bench(cfg, data, n_images, steps, warmup, workers, log)
-    header = ["| section | setting | images/s | vs plain | peak GPU GiB | note |", "|---|---|---:|---:|---:|---|"]
+    speed_sections = set(sections) - {"memory"}
+    header = (["| section | setting | images/s | vs plain | peak GPU GiB | note |", "|---|---|---:|---:|---:|---|"]
+              if speed_sections else [])
     log(f"bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}, "
         f"{len(bench.paths)} images of {data.root}, {bench.workers} workers, {steps} timed steps on "
         f"{bench.device.type}")
-    limits = [bench.limits_line()] if {"steps", "loop"} & set(sections) else []
-    log("\n".join([*limits, *header]))
+    limits = [bench.limits_line()] if {"steps", "loop"} & speed_sections else []
+    if limits or header:
+        log("\n".join([*limits, *header]))
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=outputs) as cache_root:
         if "pipeline" in sections:
