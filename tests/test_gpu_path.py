@@ -93,7 +93,7 @@ def test_a_compiled_tinyvit_and_its_compiled_ema_predict_like_fresh_models_after
     compile_eagerly = functools.partial(torch.compile, backend="eager")
     monkeypatch.setattr(prepare, "compiles", lambda cfg, device: cfg.speed.compile)
     monkeypatch.setattr(torch, "compile", compile_eagerly)
-    monkeypatch.setattr(models, "build_backbone", lambda cfg: timm.create_model(
+    monkeypatch.setattr(models, "build_backbone", lambda cfg, img_size=None: timm.create_model(
         "tiny_vit_5m_224", pretrained=False, num_classes=0, embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1),
         num_heads=(1, 1, 2, 2), window_sizes=(2, 2, 2, 2)))
     cfg, _ = resolve_config("exp19", "demo", ["input.img_size=64", "train.batch_size=8", "train.num_workers=0",

@@ -27,7 +27,7 @@ from src.tools.gpucheck import fresh_predictor, predict_validation
 from src.inference.probabilities import read_probs
 from src.training.losses import FocalLoss
 from src.model.networks import build_model
-from src.pipeline.launch import Job, gpu_slots, run_jobs
+from src.pipeline.launch import Job, Nodes, gpu_slots, python_launcher, run_jobs
 from src.pipeline.submission import validate_submission
 from src.training.loop import build_training, sync_for, train_one_epoch
 
@@ -132,22 +132,20 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_root, tmp_path, capfd):
-    """--ddp 2 (gloo): each rank predicts its shard, the gathered rows are in id order and equal what one process
-    predicts from best.pt; two "nodes" joined over localhost (c10d rendezvous, one process each and one thread
-    each, as --ddp 2 gives on 2 cores) write the same files, bit for bit."""
-    assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path / "ddp" / "outputs", "--submissions",
-                   tmp_path / "ddp" / "submissions", *TINY_RUN, "train.folds=[0]", "--ddp", "2") == 0
-    assert "x 2 processes (DDP, SyncBatchNorm)" in capfd.readouterr().out
+def test_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_root, tmp_path):
+    """Two "nodes" joined over localhost (c10d rendezvous, one DDP process each, one thread each as --ddp 2 gives on
+    2 cores; gloo): each rank predicts its shard, and the gathered rows are in id order and equal what one process
+    predicts from best.pt. --ddp N is the same launch on one machine (torchrun --standalone, next test)."""
     port = free_port()
     nodes = [["--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"localhost:{port}"] for rank in (0, 1)]
-    assert "on each of 2 machines" in finished(run_nodes(tiny_root, tmp_path / "nodes", *nodes,
-                                                         env={"OMP_NUM_THREADS": "1"}))
+    out = finished(run_nodes(tiny_root, tmp_path / "nodes", *nodes, env={"OMP_NUM_THREADS": "1"}))
+    assert "on each of 2 machines" in out and "x 2 processes (DDP, SyncBatchNorm)" in out
 
     data = load_competition_data(tiny_root, log=lambda _: None)
     cfg = resolved(resolve_config("exp00", "demo", [*TINY_RUN[2:], "model.pretrained=false"])[0], data)
-    fold_dir = tmp_path / "ddp" / "outputs" / "exp00" / "fold0"
-    folds = pd.read_csv(next((tmp_path / "ddp" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
+    fold_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
+    assert sorted(p.name for p in fold_dir.iterdir()) == sorted(FOLD_FILES)
+    folds = pd.read_csv(next((tmp_path / "nodes" / "outputs" / "folds").glob("*.csv")), dtype={"id": str})
     validation = validation_set(cfg, data.train[(folds["fold"] == 0).to_numpy()])
     one_process = fresh_predictor(cfg, len(data.classes), torch.device("cpu"), fold_dir / "best.pt", data.classes)
     gathered = read_probs(fold_dir / "val_probs.csv")
@@ -158,10 +156,15 @@ def test_ddp_and_two_nodes_gather_what_one_process_predicts_from_best_pt(tiny_ro
     assert gathered["id"].tolist() == data.test["id"].tolist()
     expected = one_process.predict(data.test["path"].tolist(), test=True)
     np.testing.assert_allclose(gathered[data.classes].to_numpy(), expected, atol=1e-6)
-    node_dir = tmp_path / "nodes" / "outputs" / "exp00" / "fold0"
-    assert sorted(p.name for p in node_dir.iterdir()) == sorted(FOLD_FILES)
-    for name in ("val_probs.csv", "test_probs.csv"):
-        pd.testing.assert_frame_equal(pd.read_csv(node_dir / name), pd.read_csv(fold_dir / name), check_exact=True)
+
+
+def test_ddp_on_one_machine_is_torchrun_standalone_and_across_machines_a_shared_rendezvous():
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    assert python_launcher(1) == [sys.executable]
+    assert python_launcher(2) == [*torchrun, "--standalone", "--nproc-per-node=2"]
+    assert python_launcher(1, Nodes(2, "head:29500", 1), "exp07") == [
+        *torchrun, "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=head:29500", "--rdzv-id=exp07",
+        "--node-rank=1", "--nproc-per-node=1"]
 
 
 def _sync_batchnorm_rank(rank: int, init_file: str, out_dir: str) -> None:
@@ -191,7 +194,8 @@ def _sync_batchnorm_case():
 
 @pytest.mark.slow
 def test_gloo_sync_batchnorm_equals_one_batchnorm_over_the_whole_batch(tmp_path):
-    torch.multiprocessing.spawn(_sync_batchnorm_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.start_processes(_sync_batchnorm_rank, args=(str(tmp_path / "init"), str(tmp_path)),
+                                          nprocs=2, start_method="fork")  # forked: no second import of the suite
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     x, weights, bn = _sync_batchnorm_case()
     x.requires_grad_()
