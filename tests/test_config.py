@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from src.core.config import resolve_config, result_fingerprint
+from src.core.config import parent_chain, resolve_config, result_fingerprint
 from src.core.paths import CONFIG_DIR
 from src.core.errors import UserError
 
@@ -47,6 +47,15 @@ def test_unknown_override_and_bad_value(config_dir):
         resolve_config("exp00", overrides=["train.epoch=3"], config_dir=config_dir)
     with pytest.raises(UserError, match="train.epochs"):
         resolve_config("exp00", overrides=["train.epochs=many"], config_dir=config_dir)
+
+
+def test_a_config_in_a_folder_without_its_parent_builds_on_the_shipped_one(tmp_path):
+    """A tuned config written to a folder of its own (tune --best-config DIR/x.yaml) resolves from configs/."""
+    (tmp_path / "exp07_tuned.yaml").write_text("parent: exp07\noptimizer:\n  lr: 0.0002\n")
+    cfg, _ = resolve_config("exp07_tuned", config_dir=tmp_path)
+    shipped, _ = resolve_config("exp07")
+    assert cfg.optimizer.lr == 0.0002 and cfg.loss == shipped.loss and cfg.model == shipped.model
+    assert parent_chain("exp07_tuned", tmp_path) == [*parent_chain("exp07"), "exp07_tuned"]
 
 
 def test_missing_parent_and_cycle(config_dir):

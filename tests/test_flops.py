@@ -34,6 +34,17 @@ def test_a_small_conv_net_counts_as_by_hand():
     assert counted_flops(lambda: net(x).sum().backward()) == 2 * (first + second) + second
 
 
+def test_a_depthwise_conv_counts_its_groups_forward_and_backward():
+    """Depthwise 3x3 over 64 channels (groups 64), then a pointwise 64 -> 32, on 16x16 images, batch 2: forward
+    2·B·H·W·Cout·(Cin/groups)·9 and 2·B·H·W·32·64; backward, both weight gradients and the pointwise layer's input
+    gradient, each the forward's count (torch's own formula counts the depthwise weight gradient 64 times)."""
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False), nn.Conv2d(64, 32, 1, bias=False))
+    x = torch.randn(2, 64, 16, 16)
+    depthwise, pointwise = 2 * 2 * 16 * 16 * 64 * 1 * 9, 2 * 2 * 16 * 16 * 32 * 64
+    assert counted_flops(lambda: net(x)) == depthwise + pointwise
+    assert counted_flops(lambda: net(x).sum().backward()) == 2 * (depthwise + pointwise) + pointwise
+
+
 def test_the_trainers_step_is_counted_per_image_and_twice_under_sam(tiny_root):
     """The trainer's own step on EfficientNet-Lite0 at 64 px: the count per image does not depend on the batch, and
     SAM's two forward-backward passes a step count twice."""

@@ -30,7 +30,6 @@ TRIALS = 4  # two workers at once: the first finishes one and is killed in its n
 def worker(root: Path, work: Path, storage: str) -> subprocess.Popen:
     (work / "tiny.yaml").write_text(SPACE)
     (work / "configs").mkdir(exist_ok=True)
-    shutil.copy2(REPO / "configs" / "exp00.yaml", work / "configs" / "exp00.yaml")  # the best config's parent
     command = [sys.executable, "-m", "src.cli", "tune", "exp00", "--space", str(work / "tiny.yaml"), "--trials",
                str(TRIALS), "--folds", "0", "--storage", storage, "--study", "shared", "--heartbeat", "1",
                "--data", str(root), "--outputs", str(work / "outputs"),

@@ -103,6 +103,12 @@ def experiment_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
     return path
 
 
+def _parent_dir(parent: str, config_dir: Path) -> Path:
+    """Where a parent is read from: the child's folder, else the shipped configs/ (a tuned config written to a
+    folder of its own still builds on the experiment it was tuned from)."""
+    return config_dir if (config_dir / f"{parent}.yaml").is_file() else CONFIG_DIR
+
+
 def _resolve_chain(name: str, config_dir: Path, seen: tuple[str, ...] = ()) -> dict:
     if name in seen:
         raise UserError(f"configs: parent cycle {' -> '.join(seen + (name,))}; fix the 'parent' keys")
@@ -112,7 +118,7 @@ def _resolve_chain(name: str, config_dir: Path, seen: tuple[str, ...] = ()) -> d
     if "name" in data:
         raise UserError(f"{path}: remove the 'name' key; an experiment is named after its file")
     parent = data.get("parent")
-    base = _resolve_chain(parent, config_dir, seen + (name,)) if parent else {}
+    base = _resolve_chain(parent, _parent_dir(parent, config_dir), seen + (name,)) if parent else {}
     merged = deep_merge(base, data)
     merged["name"] = name
     merged["parent"] = parent
@@ -127,6 +133,7 @@ def parent_chain(name: str, config_dir: Path = CONFIG_DIR) -> list[str]:
         if parent in chain:
             raise UserError(f"configs: parent cycle {' -> '.join(reversed([*chain, parent]))}; fix the 'parent' keys")
         chain.append(parent)
+        config_dir = _parent_dir(parent, config_dir)
     return chain[::-1]
 
 
