@@ -120,9 +120,11 @@ def run_nodes(root, work: Path, *launch: list[str], env: dict) -> list[subproces
 
 
 def finished(processes: list[subprocess.Popen]) -> str:
+    """Every process's output, once all have ended well. (The c10d rendezvous numbers the ranks in the order the
+    nodes join, so rank 0's lines may be in either node's output.)"""
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     assert all(process.returncode == 0 for process in processes), outputs
-    return outputs[0]
+    return "\n".join(outputs)
 
 
 def free_port() -> int:
