@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from ..core.config import NON_RESULT_KEYS, flatten
-from ..core.errors import UserError
+from ..core.errors import UserError, first_line
 from ..core.layout import ExperimentDir
 from ..core.schema import ExperimentConfig
 from .locks import locked
@@ -38,11 +38,6 @@ PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0", "mlf
 # MLflow retries an unreachable server for minutes by default; a run should say so at once instead.
 MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RUN_TAG = "artist_run"  # MLflow tag that names a tracked run: EXP/FINGERPRINT for the experiment, .../foldK for a fold
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def _require(package: str, key: str):
@@ -318,8 +313,8 @@ class Trackers(Tracker):
             except UserError:
                 raise
             except Exception as error:  # noqa: BLE001 - each library fails in its own types (HTTP, IO, protobuf)
-                raise UserError(f"tracking: {backend.name} failed ({_first_line(error)}); {backend.remedy}; finished "
-                                "folds and epochs are kept, rerun the same command to continue") from None
+                raise UserError(f"tracking: {backend.name} failed ({first_line(error, 200)}); {backend.remedy}; "
+                                "finished folds and epochs are kept, rerun the same command to continue") from None
 
     def start(self) -> None:
         self._each(lambda backend: backend.start())

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UserError
+from ..core.errors import UserError, first_line
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_ATTR = "heartbeat"
@@ -24,11 +24,6 @@ HEARTBEAT_ATTR = "heartbeat"
 DRIVERS = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg": "psycopg[binary]",
            "mysql.connector": "mysql-connector-python"}
 RETRIES = 3  # times a trial whose worker died is run again
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(error).__name__
 
 
 def journal_storage(path: Path, heartbeat: int, retry) -> Any:
@@ -87,8 +82,7 @@ def open_storage(storage: str, heartbeat: int) -> Any:
         raise UserError(f"--storage {shown}: the database driver {module} is not installed; run: pip install "
                         f"{package}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises one class per dialect and failure; each is one line
-        kind = type(exc).__name__
-        raise UserError(f"--storage {shown}: cannot use the database ({kind}: {_first_line(exc)}); check the URL, "
+        raise UserError(f"--storage {shown}: cannot use the database ({first_line(exc)}); check the URL, "
                         "that the server runs and answers from this machine, and the user and password") from None
 
 
