@@ -109,8 +109,8 @@ def export_arguments(command: argparse.ArgumentParser) -> None:
 
 def tune_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("experiment", help="config to tune, e.g. exp00 (the best config names it as its parent)")
-    command.add_argument("--space", default="basic", help="search space: a name under configs/tune/ or a .yaml "
-                         "path (default: basic)")
+    command.add_argument("--space", default="auto", help="search space: a name under configs/tune/ or a .yaml "
+                         "path (default: auto, vit for an experiment with optimizer.layer_decay set, cnn otherwise)")
     command.add_argument("--trials", type=int, required=True, help="finished trials the study should hold; a rerun "
                          "with a higher number goes on")
     command.add_argument("--folds", type=int, nargs="+", default=[0], help="folds every trial trains (default: 0)")
@@ -234,9 +234,9 @@ COMMANDS: dict[str, Command] = {
     "export": Command("NAME [--precision auto|fp32|fp16]", "one folder and .zip with the fold weights, configs, code "
                       "and a predict.py that runs offline (a Kaggle dataset for an offline kernel)",
                       "src.pipeline.export:command_export", export_arguments, (outputs_option,)),
-    "tune": Command("EXP --trials N [--space basic] [--folds 0] [--storage URL --study NAME]", "Optuna search "
-                    "over config keys (configs/tune/*.yaml): TPE, median pruning per epoch, one study that any number "
-                    "of workers on any machines fill together (--storage), the best delta as a new config",
+    "tune": Command("EXP --trials N [--space auto|cnn|vit|FILE] [--folds 0] [--storage URL --study NAME]",
+                    "Optuna search over config keys (configs/tune/*.yaml): TPE, median pruning per epoch, one study "
+                    "that workers on any machines fill together (--storage), the best delta as a new config",
                     "src.tools.tune:command_tune", tune_arguments,
                     (data_option, profile_option, outputs_option), True),
     "board": Command("[EXP ...] [--port 6006]", "TensorBoard over the experiments' tb/ folders",

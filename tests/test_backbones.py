@@ -149,7 +149,8 @@ def test_each_family_trains_a_fold_at_another_size_with_an_ema(backbone, tiny_ro
     """exp22's recipe (layer decay, drop path, EMA) on a tiny EVA-02, a ViT (the CLIP and DINOv2 architecture) and a
     ConvNeXt, at 112 px instead of their native 224: valid fold files, equal to a fresh model loaded from best.pt."""
     size = "input.img_size=112"
-    overrides = [f"model.backbone={backbone}", "model.pretrained=false", size, "train.ema_decay=0.5"]
+    overrides = [f"model.backbone={backbone}", "model.pretrained=false", size, "train.ema_epochs=null",
+                 "train.ema_decay=0.5"]
     assert run_cli("run", "exp22", "--data", tiny_root, "--outputs", tmp_path / "outputs", "--submissions",
                    tmp_path / "submissions", *TINY_RUN, *overrides, "train.folds=[0]") == 0
     cfg, _ = resolve_config("exp22", "demo", [*TINY_RUN[2:], *overrides])
@@ -163,3 +164,30 @@ def test_each_family_trains_a_fold_at_another_size_with_an_ema(backbone, tiny_ro
     assert check.passed, check.detail
     probs = np.loadtxt(fold_dir.test_probs, delimiter=",", skiprows=1, usecols=range(1, len(data.classes) + 1))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_clips_norm_pre_trains_with_the_stem_under_layer_decay():
+    """CLIP's ViTs have a LayerNorm right after the patch embedding (timm's norm_pre, CLIP's ln_pre); FT-CLIP trains
+    it with layer 0. timm's '^norm' matcher would put it at the top, at the head's lr (5e-5, not 1e-7, in exp23)."""
+    import timm
+    from torch import nn
+
+    from src.core.schema import OptimizerConfig
+    from src.training.optim import parameter_groups
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                              pre_norm=True)  # the CLIP layout: class token, norm_pre, blocks, norm
+            self.head = nn.Sequential(nn.Linear(192, 5))
+
+    model = Classifier()
+    groups = parameter_groups(model, OptimizerConfig(name="adamw", lr=5e-5, weight_decay=0.05, layer_decay=0.6))
+    scale = {name: group["lr_scale"] for group in groups for name, p in model.named_parameters()
+             if any(p is q for q in group["params"])}
+    stem = scale["backbone.patch_embed.proj.weight"]
+    assert stem == pytest.approx(0.6 ** 12) and scale["backbone.cls_token"] == stem
+    assert scale["backbone.norm_pre.weight"] == stem and scale["backbone.norm_pre.bias"] == stem
+    assert scale["backbone.norm.weight"] == 1.0 and scale["head.0.weight"] == 1.0
+    assert "group_matcher" not in vars(model.backbone), "timm's own matcher is back once the groups are made"

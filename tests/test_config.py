@@ -95,11 +95,15 @@ def test_keys_at_their_neutral_value_leave_the_fingerprint_alone():
         assert result_fingerprint(resolve_config(name, "demo")[0], "data") != before_the_keys
     base = result_fingerprint(resolve_config("exp00", "demo", whole)[0], "data")
     for override in ("augment.single=blur", "frozen.classifier=knn", "speed.image_cache=jpg", "train.ema_decay=0.99",
-                     "scheduler.fit_cycles=true", "augment.hflip=true", "augment.crop=rrc"):
+                     "scheduler.fit_cycles=true", "augment.hflip=true", "augment.crop=rrc", "train.ema_epochs=3",
+                     "scheduler.warmup_epochs=1"):
         assert result_fingerprint(resolve_config("exp00", "demo", [*whole, override])[0], "data") != base
     for override in ("speed.compile=true", "speed.channels_last=false", "speed.cache_dir=/tmp/x",
-                     "validation.crops_per_image=8", "augment.rrc_scale=[0.5,1.0]"):
+                     "validation.crops_per_image=8", "augment.rrc_scale=[0.5,1.0]", "train.ema_warmup=false"):
         assert result_fingerprint(resolve_config("exp00", "demo", [*whole, override])[0], "data") == base
+    in_epochs = ["scheduler.warmup_epochs=1"]  # then warmup_steps is unused
+    assert len({result_fingerprint(resolve_config("exp00", "demo", [*whole, *in_epochs, steps])[0], "data")
+                for steps in ("scheduler.warmup_steps=5", "scheduler.warmup_steps=50")}) == 1
     crops = result_fingerprint(resolve_config("exp00", "demo")[0], "data")
     assert result_fingerprint(resolve_config("exp00", "demo", ["validation.crops_per_image=8"])[0], "data") != crops
 

@@ -61,10 +61,10 @@ TECHNIQUES = {
     "exp20": {"crop": "rrc", "strong": False, "hflip": True, "smoothing": 0.1, "schedule": "cosine"},
     "exp21": {"crop": "mimic"},
     "exp22": {"backbone": "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", "ema": True, "smoothing": 0.2,
-              "layer_decay": 0.8, "drop_path": 0.15},
+              "layer_decay": 0.8, "drop_path": 0.15, "head": "linear"},
     "exp23": {"backbone": "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k", "smoothing": 0.1, "layer_decay": 0.6,
-              "drop_path": 0.1},
-    "exp24": {"backbone": "vit_base_patch14_dinov2.lvd142m", "smoothing": 0.1, "layer_decay": 0.75, "drop_path": 0.1},
+              "drop_path": 0.0},
+    "exp24": {"backbone": "vit_base_patch14_dinov2.lvd142m"},
     "exp25": {"backbone": "eva02_large_patch14_448.mim_in22k_ft_in22k_in1k", "layer_decay": 0.85},
 }
 BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",

@@ -13,7 +13,7 @@ from torch import nn
 from src.core.config import resolve_config
 from src.core.paths import CONFIG_DIR
 from src.data.geometry import ASPECT_JITTER, CropGeometry, resolve_for_data, validation_crops
-from src.training.schedules import build_scheduler, early_stop_note, warm_restart_lr
+from src.training.schedules import build_scheduler, early_stop_note, warm_restart_lr, warmup_steps
 from src.data.transforms import build_eval_transform, train_crop
 
 RUNGS = sorted(p.stem for p in CONFIG_DIR.glob("exp*.yaml"))
@@ -47,8 +47,10 @@ def test_the_schedule_runs_to_its_end_or_restarts_where_declared_at_the_real_bud
     elif cfg.scheduler.name == "cosine":  # one cycle over the whole budget: at the floor on the last step
         last = epochs * steps - 1
         assert epochs <= 100 and cfg.train.patience == 0
-        warmup = cfg.scheduler.warmup_steps
-        assert lr(warmup) == pytest.approx(peak)
+        warmup = warmup_steps(cfg.scheduler, steps, epochs * steps)
+        if cfg.scheduler.warmup_epochs is not None:  # stated in epochs: it follows the rung's batch size
+            assert warmup == round(cfg.scheduler.warmup_epochs * steps)
+        assert lr(warmup - 1) < peak and lr(warmup) == pytest.approx(peak)
         assert lr(last) - floor < 1e-4 * (peak - floor)
         middle = (warmup + last) // 2  # half-way down the cosine after the warm-up
         assert lr(middle) == pytest.approx(floor + (peak - floor) / 2, rel=0.01)
@@ -142,3 +144,48 @@ def test_validation_crops_cover_the_measured_share_with_the_paintings_aspect():
     assert ((width * height >= low - 1e-9) & (width * height <= high + 1e-9)).all()
     assert np.abs(np.log(width / height)).max() <= 2 * ASPECT_JITTER + 1e-9
     assert boxes.min() >= 0 and boxes.max() <= 1
+
+
+EMA_RUNGS = [name for name in RUNGS if real(name).train.ema]
+
+
+def ema_after(decays: np.ndarray, weights: np.ndarray) -> float:
+    """The closed form of the average after len(weights) steps: sum_t w_t (1 - d_t) prod_{s > t} d_s."""
+    later = np.concatenate([np.cumprod(decays[::-1])[::-1][1:], [1.0]])  # prod_{s > t} d_s
+    return float(np.sum(weights * (1 - decays) * later))
+
+
+@pytest.mark.parametrize("name", EMA_RUNGS)
+def test_the_ema_averages_what_its_config_says_at_the_real_step_count(name):
+    """At the rung's own steps an epoch and epochs: the decay is the configured one (train.ema_decay, or
+    1 - 1 / (train.ema_epochs x steps an epoch)) long before the last step, the warm-up is the plain mean of the steps
+    so far, and the average after every step equals its closed form."""
+    from src.training.ema import build_ema, ema_horizon_note
+
+    cfg = real(name)
+    steps = steps_per_epoch(cfg)
+    total = cfg.train.epochs * steps
+    target = cfg.train.ema_decay if cfg.train.ema_decay else 1 - 1 / (cfg.train.ema_epochs * steps)
+    weight = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.weight = weight
+    ema = build_ema(model, cfg.train, steps)
+    average = lambda: float(ema.module.weight.detach())  # noqa: E731
+    assert ema.decay == pytest.approx(target)
+    horizon = 1 / (1 - target)
+    assert horizon <= total / 3, "the average spans at most a third of the run"
+    assert ema_horizon_note(ema, total) is None
+    values = np.sin(np.arange(1, total + 1) / 97.0) + np.arange(total) / total  # weights that drift and wander
+    decays = np.array([min(target, 1 - 1 / t) for t in range(1, total + 1)])
+    half = int(horizon) // 2  # inside the warm-up: the plain mean of the steps so far
+    checked = {1, 2, int(horizon) + 5, total}
+    for step in range(1, total + 1):
+        with torch.no_grad():
+            weight.fill_(values[step - 1])
+        ema.update(model, step=step)
+        if step in checked:
+            expected = ema_after(decays[:step], values[:step])
+            assert average() == pytest.approx(expected, rel=1e-4, abs=1e-5), f"after step {step}"
+        if step == half:
+            assert average() == pytest.approx(values[:half].mean(), rel=1e-4)
+    assert ema.get_decay(total) == pytest.approx(target)

@@ -1,7 +1,8 @@
 """One tuning study across workers: two workers started at once on one shared storage (Optuna's journal file, and
 a real PostgreSQL server started here) fill one study with distinct trials that both contribute to; one of them is
-killed with SIGKILL mid-trial, its trial is failed by the heartbeat, retried and the study still finishes. A storage
-nobody can use stops with one line before any trial trains."""
+killed with SIGKILL mid-trial, its trial is failed by the heartbeat, retried once and the study still finishes. On
+the journal a retry is not stale at birth, a clock that is minutes off fails no live trial, and a worker whose trial
+another worker failed goes on. A storage nobody can use stops with one line before any trial trains."""
 from __future__ import annotations
 
 import os
@@ -13,22 +14,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
 from src.core.errors import UserError
-from src.tools.study_storage import open_storage
+from src.tools import study_storage
+from src.tools.study_storage import HEARTBEAT_ATTR, open_storage
+from src.training import fold as train
 
-from .conftest import TINY_RUN
+from .conftest import TINY_RUN, run_cli
 from .test_tune import SPACE
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS = 4  # two workers at once: the first finishes one and is killed in its next
+UNPRUNED = SPACE.replace("pruner_startup_trials: 1", "pruner_startup_trials: 100")  # every trial runs to its end
 
 
 def worker(root: Path, work: Path, storage: str) -> subprocess.Popen:
-    (work / "tiny.yaml").write_text(SPACE)
+    (work / "tiny.yaml").write_text(UNPRUNED)
     (work / "configs").mkdir(exist_ok=True)
     command = [sys.executable, "-m", "src.cli", "tune", "exp00", "--space", str(work / "tiny.yaml"), "--trials",
                str(TRIALS), "--folds", "0", "--storage", storage, "--study", "shared", "--heartbeat", "1",
@@ -47,8 +52,8 @@ def trials_of(storage, pid: int | None = None) -> list:
 
 def two_workers_one_killed(root: Path, work: Path, storage: str, reader) -> None:
     """Start two workers at once; kill the first with SIGKILL once it has finished a trial and runs its next; the
-    second finishes the study: TRIALS finished trials, distinct, from both workers, the killed one failed and run
-    again (in the same trial folder, so its folds resume)."""
+    second finishes the study: TRIALS complete trials, distinct, from both workers, the killed one failed and run
+    again exactly once (in the same trial folder, so its folds resume), no other trial failed, no last.pt left."""
     first, second = worker(root, work, storage), worker(root, work, storage)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -65,16 +70,19 @@ def two_workers_one_killed(root: Path, work: Path, storage: str, reader) -> None
     first.wait()
     assert second.wait(timeout=300) == 0, (work / "outputs").as_posix()
     trials = trials_of(reader())
-    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == TRIALS and len({t.number for t in trials}) == len(trials)
-    workers = {t.user_attrs["worker"].split(":")[1] for t in finished}
+    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * TRIALS + ["FAIL"], "one trial failed: the killed"
+    assert len({t.number for t in trials}) == len(trials)
+    workers = {t.user_attrs["worker"].split(":")[1] for t in trials if t.state.name == "COMPLETE"}
     assert workers == {str(first.pid), str(second.pid)}, "both workers contributed"
     [failed] = [t for t in trials if t.state.name == "FAIL"]
+    assert failed.user_attrs["worker"].endswith(str(first.pid))
     [retry] = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
-    assert retry.state.name in ("COMPLETE", "PRUNED") and retry.user_attrs["worker"].endswith(str(second.pid))
-    assert retry.user_attrs["experiment"] == failed.user_attrs["experiment"], "the retry resumes the same folds"
+    assert retry.user_attrs["worker"].endswith(str(second.pid))
+    assert [t.number for t in trials if t.user_attrs["experiment"] == failed.user_attrs["experiment"]] == \
+        [failed.number, retry.number], "the retry resumes the same folds, and runs once"
     study_dir = work / "outputs" / "tune" / "shared"
     assert (study_dir / "trials.csv").is_file() and (work / "configs" / "best.yaml").is_file()
+    assert not list(study_dir.rglob("last.pt"))
 
 
 @pytest.mark.slow
@@ -85,6 +93,76 @@ def test_two_workers_fill_one_journal_study_and_a_killed_worker_does_not_leave_i
     journal = tmp_path / "shared" / "study.journal"
     two_workers_one_killed(tiny_root, tmp_path, f"journal:{journal}",
                            lambda: JournalStorage(JournalFileBackend(str(journal))))
+
+
+def states(storage, study_id: int) -> dict[int, str]:
+    return {t.number: t.state.name for t in storage.get_all_trials(study_id, deepcopy=False)}
+
+
+def test_on_a_journal_a_retry_is_not_stale_at_birth_and_a_clock_minutes_off_fails_no_live_trial(tmp_path,
+                                                                                                  monkeypatch):
+    """Three workers on one journal (heartbeat 1 s): `live` beats with a clock 5 minutes behind, `dead` beats once
+    and stops; `sweeper` fails the dead trial only, after two intervals of its own clock, and queues one retry
+    without the dead trial's heartbeat; `live` takes the retry, and the sweeper's sweeps before its first beat leave
+    it running."""
+    journal = f"journal:{tmp_path / 'study.journal'}"
+    live, dead, sweeper = (open_storage(journal, 1) for _ in range(3))
+    study_id = live.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "s")
+    study = optuna.load_study(study_name="s", storage=sweeper)
+    running, lost = live.create_new_trial(study_id), dead.create_new_trial(study_id)
+    behind = SimpleNamespace(time=lambda: time.time() - 300, monotonic=time.monotonic)
+
+    def beat_behind():
+        with monkeypatch.context() as patch:
+            patch.setattr(study_storage, "time", behind)
+            live.record_heartbeat(running)
+
+    dead.record_heartbeat(lost)
+    deadline = time.monotonic() + 10
+    while states(sweeper, study_id)[1] == "RUNNING" and time.monotonic() < deadline:
+        beat_behind()
+        optuna.storages.fail_stale_trials(study)
+        assert states(sweeper, study_id)[0] == "RUNNING", "a live trial is never stale, whatever its clock"
+        time.sleep(0.25)
+    assert states(sweeper, study_id) == {0: "RUNNING", 1: "FAIL", 2: "WAITING"}
+    retry = sweeper.get_trial(sweeper.get_trial_id_from_study_id_trial_number(study_id, 2))
+    assert retry.system_attrs["failed_trial"] == 1 and HEARTBEAT_ATTR not in retry.system_attrs
+    assert live.set_trial_state_values(retry._trial_id, optuna.trial.TrialState.RUNNING), "live takes the retry"
+    for _ in range(2):  # within two intervals of being seen, before it beats
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(0.5)
+    assert states(sweeper, study_id) == {0: "RUNNING", 1: "FAIL", 2: "RUNNING"}, "one retry, running"
+
+
+@pytest.mark.slow
+def test_a_worker_whose_trial_another_worker_failed_goes_on(tiny_root, tmp_path, monkeypatch, capsys):
+    """Mid-trial, another worker fails this worker's trial and queues its retry (what a sweep that took the trial
+    for stale does): the worker's next report is refused; it says so in one line, then runs the retry, which
+    resumes the trial's fold and completes the study."""
+    journal = tmp_path / "study.journal"
+    other = open_storage(f"journal:{journal}", 1)
+
+    def failed_elsewhere(labels, probs):
+        study = optuna.load_study(study_name="shared", storage=other)
+        [trial] = study.get_trials(deepcopy=False)
+        assert other.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        other.get_heartbeat_stale_trial_callback()(study, other.get_trial(trial._trial_id))
+        monkeypatch.setattr(train, "scores", scores)
+        return scores(labels, probs)
+
+    scores = train.scores
+    monkeypatch.setattr(train, "scores", failed_elsewhere)
+    (tmp_path / "tiny.yaml").write_text(UNPRUNED)
+    assert run_cli("tune", "exp00", "--space", tmp_path / "tiny.yaml", "--trials", "1", "--folds", "0", "--storage",
+                   f"journal:{journal}", "--study", "shared", "--heartbeat", "1", "--data", tiny_root,
+                   "--outputs", tmp_path / "outputs", "--best-config", tmp_path / "best.yaml", *TINY_RUN) == 0
+    out = capsys.readouterr().out
+    assert ("shared: trial 0 was failed by another worker while this one ran it (its heartbeat looked stale there, "
+            "which queues its retry); this worker goes on") in out
+    assert "shared-t000 fold 0: resuming after epoch 1" in out, "the retry resumes the trial's fold"
+    trials = optuna.load_study(study_name="shared", storage=other).get_trials(deepcopy=False)
+    assert [(t.state.name, t.system_attrs.get("failed_trial")) for t in trials] == [("FAIL", None), ("COMPLETE", 0)]
+    assert not list((tmp_path / "outputs").rglob("last.pt"))
 
 
 def postgres_binaries() -> Path | None:

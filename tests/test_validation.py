@@ -3,6 +3,7 @@ the painting-level aggregate, and the recipe options (RandomResizedCrop, EMA, a 
 from __future__ import annotations
 
 import math
+import re
 
 import albumentations as A
 import numpy as np
@@ -17,6 +18,7 @@ from src.data.geometry import crop_image, measure_test_geometry, resolve_for_dat
 from src.core.metrics import painting_means, painting_scores, scores
 from src.training.schedules import build_scheduler, fitted_cycle_steps, schedule_note, warm_restart_lr
 from src.pipeline.score import paired_bootstrap
+from src.training.ema import build_ema
 from src.training.loop import Training, train_one_epoch
 from src.data.transforms import build_train_transform
 
@@ -151,14 +153,12 @@ def test_random_resized_crop_is_albumentations_with_the_configured_scale_and_rat
     assert pipeline(image=np.zeros((90, 60, 3), np.uint8))["image"].shape == (3, 32, 32)
 
 
-def tiny_training(cfg, batches, ema) -> Training:
-    from timm.utils import ModelEmaV3
-
+def tiny_training(cfg, batches) -> Training:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    average = ModelEmaV3(model, decay=ema, use_warmup=True)
+    average = build_ema(model, cfg.train, steps_per_epoch=len(batches))
     return Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
                     scheduler, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None, average,
                     average.module)
@@ -166,20 +166,20 @@ def tiny_training(cfg, batches, ema) -> Training:
 
 @pytest.mark.slow
 def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
-    """After every optimiser step the average becomes d_t * average + (1 - d_t) * weights, with timm's warm-up
-    d_t = min(decay, 1 - (1 + t - 1)^(-2/3)) (0 at the first step, so it starts at the first step's weights)."""
+    """After every optimiser step of the trainer the average becomes d_t * average + (1 - d_t) * weights, with the
+    warm-up d_t = min(decay, 1 - 1/t) (0 at the first step, so it starts at the first step's weights)."""
     cfg, _ = resolve_config("exp00", "demo", ["train.ema_decay=0.9"])
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 3, 2, 2, generator=generator), torch.randint(0, 3, (4,), generator=generator))
-               for _ in range(6)]
-    run = tiny_training(cfg, batches, 0.9)
+               for _ in range(15)]  # the decay 0.9 is reached at step 10
+    run = tiny_training(cfg, batches)
     weights = []
     monkeypatch.setattr(run.scheduler, "step", lambda *a, wrapped=run.scheduler.step: (
         weights.append(run.model[1].weight.detach().clone()), wrapped())[1])
     train_one_epoch(run, 1, desc="ema")
     expected = weights[0]
     for t, w in enumerate(weights[1:], start=2):
-        decay = min(0.9, 1 - (1 + (t - 1)) ** (-2 / 3))
+        decay = min(0.9, 1 - 1 / t)
         expected = decay * expected + (1 - decay) * w
     torch.testing.assert_close(run.ema.module[1].weight, expected)
     assert not torch.allclose(run.ema.module[1].weight, run.model[1].weight)
@@ -197,6 +197,10 @@ def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(
     assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["ema"])
     assert any(not torch.equal(best["model"][k], best["raw_model"][k]) for k in best["model"])
     assert "val_macro_f1_raw" in pd.read_csv(fold / "history.csv").columns
+    log = (tmp_path / "exp00" / "logs" / "fold0.log").read_text()
+    assert "EMA of the weights: decay 0.9 a step, an average over the last 10 steps" in log
+    steps, decay = re.search(r"EMA decay at the last step \((\d+)\): ([\d.]+)", log).groups()
+    assert float(decay) == pytest.approx(min(0.9, 1 - 1 / int(steps)), rel=1e-5)
 
 
 def test_fitted_cycles_fill_the_budget_and_end_at_the_floor():

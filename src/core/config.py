@@ -35,7 +35,14 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
 # the fingerprint, so folds finished before the key existed remain valid.
 NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
                   "validation.mode": "whole", "augment.hflip": False, "train.ema_decay": None,
-                  "scheduler.fit_cycles": False, "model.drop_path_rate": None, "optimizer.layer_decay": None}
+                  "scheduler.fit_cycles": False, "model.drop_path_rate": None, "optimizer.layer_decay": None,
+                  "train.ema_epochs": None, "scheduler.warmup_epochs": None}
+
+
+def _ema_on(flat: dict) -> bool:
+    return flat["train.ema_decay"] is not None or flat["train.ema_epochs"] is not None
+
+
 # Settings whose behaviour changed after folds were trained with them: a config they apply to gets another
 # fingerprint, so such a fold trains again instead of being reused. Name of the change -> does it apply (flat config).
 BEHAVIOUR_CHANGES = {
@@ -43,10 +50,15 @@ BEHAVIOUR_CHANGES = {
     "focal loss of the smoothed cross entropy": lambda flat: flat["loss.name"] == "focal"
     and flat["loss.label_smoothing"] > 0,
     "SAM moves BatchNorm statistics once a step": lambda flat: flat["optimizer.sam_rho"] is not None,
-    "the EMA validates with fresh eval-mode caches": lambda flat: flat["train.ema_decay"] is not None,
+    "the EMA validates with fresh eval-mode caches": _ema_on,
+    "the EMA's warm-up is the mean of the steps so far": lambda flat: _ema_on(flat) and flat["train.ema_warmup"],
 }
-# Keys that only matter when another key has a value: (key prefix, the key it depends on, the value it needs).
-DEPENDENT_KEYS = (("validation.", "validation.mode", "crops"), ("augment.rrc_", "augment.crop", "rrc"))
+
+# Keys that only matter when the flat config meets a condition: (key prefix, the condition).
+DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops"),
+                  ("augment.rrc_", lambda flat: flat["augment.crop"] == "rrc"),
+                  ("train.ema_warmup", _ema_on),
+                  ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None))
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
@@ -191,8 +203,8 @@ def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
     """Hash of every setting that changes what a fold learns, plus the data: a finished fold is reused
     only while this matches."""
     everything = flatten(cfg.model_dump(mode="json"))
-    unused = {key for key in everything for prefix, switch, value in DEPENDENT_KEYS
-              if key.startswith(prefix) and key != switch and everything[switch] != value}
+    unused = {key for key in everything for prefix, applies in DEPENDENT_KEYS
+              if key.startswith(prefix) and not applies(everything)}
     flat = {k: v for k, v in everything.items() if k not in NON_RESULT_KEYS and k not in unused
             and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
     changes = sorted(name for name, applies in BEHAVIOUR_CHANGES.items() if applies(everything))

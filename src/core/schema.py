@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -112,6 +112,8 @@ class SchedulerConfig(_Strict):
     cycle_epochs: float = Field(5, gt=0, description="length of the first cosine cycle")
     cycle_mult: float = Field(1.0, ge=1.0, description="each cycle is this many times longer than the last")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up iterations at the start of every cycle")
+    warmup_epochs: Optional[float] = Field(None, ge=0, description="the warm-up in epochs instead (rounded to "
+                                           "steps), so it follows the batch size; when set, warmup_steps is unused")
     gamma: float = Field(0.7, gt=0, le=1.0, description="peak lr multiplier at each restart")
     min_lr: float = Field(5e-6, ge=0)
     fit_cycles: bool = Field(False, description="stretch or shrink the cycles so that a whole number of them fills "
@@ -137,8 +139,15 @@ class TrainConfig(_Strict):
         "auto", description="auto: bfloat16 on GPUs of compute capability 8.0 and up, float16 with a gradient "
         "scaler on older GPUs, float32 on the CPU; a dtype named here is used on any device, the CPU included")
     ema_decay: Optional[float] = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
-                                       "weights (timm's ModelEmaV3, with warm-up) that validates and predicts; "
-                                       "null: off")
+                                       "weights (timm's ModelEmaV3) that validates and predicts, with this decay a "
+                                       "step, an average over the last 1 / (1 - decay) steps; null: off")
+    ema_epochs: Optional[float] = Field(None, gt=0, description="the EMA stated as the number of epochs it averages "
+                                        "over instead: decay 1 - 1 / (ema_epochs x steps an epoch), so it follows "
+                                        "the batch size and the data; null: ema_decay decides")
+    ema_warmup: bool = Field(True, description="until the EMA has seen 1 / (1 - decay) steps it is the plain mean of "
+                             "the weights of every step so far (a step's decay min(decay, 1 - 1/t): timm's warm-up "
+                             "at power 1), so the early weights never outweigh the later ones; off: the decay from "
+                             "the second step on")
     sync_batchnorm: bool = Field(True, description="under DDP, BatchNorm statistics over the whole step's batch "
                                  "(SyncBatchNorm) instead of each process's share")
     keep_checkpoints: bool = Field(False, description="keep last.pt (weights, optimiser, EMA and random state, "
@@ -150,6 +159,17 @@ class TrainConfig(_Strict):
     cutmix_alpha: float = Field(1.0, gt=0)
     sampler: Literal["none", "inverse_count", "inverse_log_count"] = Field(
         "none", description="draw images with weight total/count or total/log(count) of their artist")
+
+    @model_validator(mode="after")
+    def _one_ema_setting(self):
+        if self.ema_decay is not None and self.ema_epochs is not None:
+            raise ValueError("set train.ema_decay (a step's decay) or train.ema_epochs (the epochs it averages "
+                             "over), not both: set the other to null (e.g. train.ema_epochs=null train.ema_decay=0.99)")
+        return self
+
+    @property
+    def ema(self) -> bool:
+        return self.ema_decay is not None or self.ema_epochs is not None
 
 
 class SpeedConfig(_Strict):

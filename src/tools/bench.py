@@ -1,6 +1,6 @@
 """`bash run.sh bench`: how fast one backbone trains and predicts here, and what each speed switch buys.
 
-Four sections, figures only (nothing passes or fails):
+Five sections, figures only (nothing passes or fails):
 - input pipeline: images/s of decode + training transform through the DataLoader, decoding every image every
   time (the plain path) against the image cache (cold = first epoch, which fills it; warm = later epochs),
   plus persistent workers over two epochs and pinned memory for the copy to the GPU;
@@ -8,7 +8,9 @@ Four sections, figures only (nothing passes or fails):
   each switch alone and all together, with peak GPU memory: the model's ceiling, without the input pipeline;
 - the training loop on real images: plain (fp32, no cache) against the default switches with a warm cache;
   when it falls well short of the ceiling, the input pipeline is the bottleneck;
-- inference with and without TTA.
+- inference with and without TTA;
+- memory (asked for by name): the estimated training memory and the largest batch for each GPU size, beside the
+  FLOPs of a training image (both counted on FakeTensors, so a large backbone takes a minute on the CPU).
 The model is built with random weights (speed does not depend on them, and nothing is downloaded).
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ from ..inference.tta import with_tta
 from ..model.networks import build_model, normalisation
 from ..model.prepare import uses_channels_last
 from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
-from .flops import compute_dtype, flops_per_training_image, peak_flops, utilisation
-from .memory import estimate
+from .flops import Peak, StepFlops, datasheet_peak, device_name, measured_peak, step_flops, utilisation
+from .memory import GPUS, estimate, estimating_config, this_gpu
 from .memory import table as memory_table
 
 
@@ -128,6 +130,7 @@ class Bench:
         model = build_model(cfg.model.model_copy(update={"pretrained": False}), len(data.classes), cfg.input.img_size)
         self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         self.cuda_only = "CUDA only" if self.device.type != "cuda" else ""
+        self.peaks: dict[torch.dtype, Peak] = {}
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -212,32 +215,47 @@ class Bench:
         return self.timed(step), peak_gib(self.device)
 
     @cached_property
-    def limits(self) -> tuple[float, float, torch.dtype]:
-        """FLOPs of the trainer's step per image (at the config's switches), the device's peak FLOP/s in the
-        config's compute dtype, and that dtype."""
-        run = self.training(self.cfg, self.rows)
-        dtype = compute_dtype(run)
-        return flops_per_training_image(run), peak_flops(self.device, dtype), dtype
+    def flops(self) -> StepFlops:
+        """Model and hardware FLOPs of the trainer's step per image, at the config's switches (eager: compiling
+        changes no FLOP)."""
+        return step_flops(self.training(with_speed(self.cfg, self.cfg.train.amp, compile=False), self.rows))
+
+    def peak(self, dtype: torch.dtype) -> Peak:
+        """The device's datasheet and measured peaks in `dtype`, measured once."""
+        if dtype not in self.peaks:
+            name = device_name(self.device)
+            self.peaks[dtype] = Peak(name, dtype, datasheet_peak(name, dtype), measured_peak(self.device, dtype))
+        return self.peaks[dtype]
+
+    def compute_dtype(self, amp: bool) -> torch.dtype:
+        """The dtype the matmuls compute in with autocast on or off: float32 without autocast."""
+        return autocast_dtype(amp, self.cfg.train.amp_dtype, self.device) or torch.float32
 
     def limits_line(self) -> str:
-        flops, peak, dtype = self.limits
-        return (f"model: {flops / 1e9:,.2f} GFLOP per training image (forward and backward, counted by "
-                f"FlopCounterMode at {self.cfg.input.img_size}px); device peak: {peak / 1e12:.3g} TFLOP/s (dense "
-                f"matmul in {str(dtype).removeprefix('torch.')}, measured now)")
+        flops, cfg = self.flops, self.cfg
+        sam = ", x2 for SAM's two passes" if flops.passes == 2 else ""
+        recompute = "gradient checkpointing's recompute included, " if cfg.speed.grad_checkpointing else ""
+        return (f"model: {flops.model / 1e9:,.2f} GFLOP per training image (3 x the forward's "
+                f"{flops.forward / 1e9:,.2f}{sam}); hardware: {flops.hardware / 1e9:,.2f} GFLOP counted on the "
+                f"trainer's step ({recompute}FlopCounterMode at {cfg.input.img_size}px); peak: "
+                f"{self.peak(self.compute_dtype(cfg.train.amp)).line()}")
 
-    def mfu(self, images_per_s: float) -> str:
-        flops, peak, _ = self.limits
-        return utilisation(images_per_s, flops, peak)
+    def mfu(self, images_per_s: float, amp: bool) -> str:
+        """MFU of a rate measured with autocast on or off, against the peak of the dtype that computes in."""
+        return utilisation(images_per_s, self.flops, self.peak(self.compute_dtype(amp)))
 
     def memory(self) -> list[str]:
         """The estimated training memory and the largest batch for common GPU sizes (src/tools/memory.py)."""
-        run = self.training(self.cfg, self.rows)
-        return memory_table(estimate(run), self.cfg.train.batch_size, multiple=2 if self.cfg.train.cutmix_prob else 1)
+        cfg = estimating_config(self.cfg, self.device)
+        gpus = GPUS + ((this_gpu(self.device),) if self.device.type == "cuda" else ())
+        return memory_table(estimate(self.training(cfg, self.rows)), cfg.train.batch_size,
+                            multiple=2 if cfg.train.cutmix_prob else 1, gpus=gpus)
 
     def model_ceiling(self) -> float:
         section, base = "training steps (batch on device)", plain(self.cfg)
         plain_rate, memory = self.train_steps(base)
-        self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory, note=self.mfu(plain_rate)))
+        self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory,
+                        note=self.mfu(plain_rate, amp=False)))
         dtype = autocast_dtype(True, self.cfg.train.amp_dtype, self.device)
         autocast_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "autocast"
         switches = {autocast_name: dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
@@ -254,7 +272,7 @@ class Bench:
             amp = switch.pop("amp")
             rate, memory = self.train_steps(with_speed(base, amp, **switch))
             best = max(best, rate)
-            self.add(Figure(section, name, rate, plain_rate, memory, note=self.mfu(rate)))
+            self.add(Figure(section, name, rate, plain_rate, memory, note=self.mfu(rate, amp)))
         return best
 
     def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> EpochStats:
@@ -270,7 +288,7 @@ class Bench:
         plain_stats = self.train_loop(plain(self.cfg), None)
         self.add(Figure(section, "plain: fp32, decode every image", plain_stats.images_per_s,
                         peak_gib=peak_gib(self.device),
-                        note=f"{waiting(plain_stats)}; {self.mfu(plain_stats.images_per_s)}"))
+                        note=f"{waiting(plain_stats)}; {self.mfu(plain_stats.images_per_s, amp=False)}"))
         cache = ImageCache(cache_root / self.cfg.speed.image_cache, needed_short_side(self.cfg),
                            self.cfg.speed.image_cache) if self.cfg.speed.image_cache != "none" else None
         stats = self.train_loop(self.cfg, cache)
@@ -278,7 +296,7 @@ class Bench:
         cached = f"{self.cfg.speed.image_cache} cache warm" if cache else "no image cache"
         self.add(Figure(section, f"config switches, {cached}", stats.images_per_s,
                         plain_stats.images_per_s, peak_gib(self.device),
-                        note=f"{waiting(stats)}{share}; {self.mfu(stats.images_per_s)}"))
+                        note=f"{waiting(stats)}{share}; {self.mfu(stats.images_per_s, self.cfg.train.amp)}"))
 
     def inference(self) -> None:
         section = "inference"
@@ -321,7 +339,7 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     log(f"bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}, "
         f"{len(bench.paths)} images of {data.root}, {bench.workers} workers, {steps} timed steps on "
         f"{bench.device.type}")
-    limits = [bench.limits_line()] if {"steps", "loop"} & speed_sections else []
+    limits = [bench.limits_line()] if {"steps", "loop", "memory"} & set(sections) else []
     if limits or header:
         log("\n".join([*limits, *header]))
     outputs.mkdir(parents=True, exist_ok=True)

@@ -214,10 +214,11 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     peak = max((p for p in peaks if p is not None), default=None)
     fold_rate = history["train_images_per_s"].iloc[-1]
     figures = [f"| training: the trainer's epoch over {loop.images} images, {bench.workers} workers, jpg cache "
-               f"warm | {loop.images_per_s:,.1f} images/s | {waiting(loop)}; {bench.mfu(loop.images_per_s)} |",
+               f"warm | {loop.images_per_s:,.1f} images/s | {waiting(loop)}; "
+               f"{bench.mfu(loop.images_per_s, cfg.train.amp)} |",
                f"| training: fold run, epoch {len(history)} ({len(data.train) - len(val_rows)} images) | "
                f"{fold_rate:,.1f} images/s | input pipeline: {100 * history['data_wait_share'].iloc[-1]:.0f}% of the "
-               f"time; {bench.mfu(fold_rate)} |",
+               f"time; {bench.mfu(fold_rate, cfg.train.amp)} |",
                f"| model FLOPs and the device's peak | | {bench.limits_line()} |",
                f"| prediction: {len(data.test)} test crops, no TTA, second pass | {predict_rate:,.1f} images/s | |",
                f"| peak GPU memory | {f'{peak:.2f} GiB' if peak is not None else 'CUDA only'} | fold run and the "

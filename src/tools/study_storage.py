@@ -4,14 +4,18 @@ sqlite:///), or Optuna's journal file on a file system every worker shares (jour
 
 Every storage keeps a heartbeat per running trial: a worker that dies mid-trial (kill -9, a lost node) stops beating,
 and the next worker to look fails its trial and enqueues it again (Optuna's RetryHeartbeatStaleTrialCallback), so
-the study never waits for a trial nobody runs. Optuna's RDBStorage has the heartbeat built in; its journal storage
-has none in 5.0, so the heartbeat is a trial system attribute here, written by Optuna's own heartbeat thread.
+the study never waits for a trial nobody runs. Optuna's RDBStorage has the heartbeat built in (the database server's
+clock times it); its journal storage has none in 5.0, so here the heartbeat is a trial system attribute that Optuna's
+heartbeat thread counts up. No two machines' clocks are compared: a worker judges a trial stale when its count has
+not moved for two intervals by its own clock, so clock skew between machines cannot fail a live trial, and a retry,
+which starts without the dead trial's count, is watched afresh from the moment it is seen.
 
 A storage that cannot be used (a database that does not answer, a wrong password, a missing driver, a journal on a
 disk that cannot be written) stops with one line before any trial trains.
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,21 @@ DRIVERS = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "
 RETRIES = 3  # times a trial whose worker died is run again
 
 
-def journal_storage(path: Path, heartbeat: int, retry) -> Any:
+class Retry:
+    """Optuna's RetryHeartbeatStaleTrialCallback, minus the dead trial's heartbeat: Optuna copies every system
+    attribute into the retry, and a copied count would make the retry look stale before its first beat."""
+
+    def __init__(self, max_retry: int):
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study, trial) -> None:
+        trial.system_attrs = {key: value for key, value in trial.system_attrs.items() if key != HEARTBEAT_ATTR}
+        self.retry(study, trial)
+
+
+def journal_storage(path: Path, heartbeat: int, retry: Retry) -> Any:
     """Optuna's JournalStorage on `path`, with a heartbeat per running trial kept as a trial system attribute."""
     import optuna
     from optuna.storages import JournalStorage
@@ -35,18 +53,36 @@ def journal_storage(path: Path, heartbeat: int, retry) -> Any:
     from optuna.trial import TrialState
 
     class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+        def __init__(self, backend):
+            super().__init__(backend)
+            self._beats: dict[int, int] = {}  # trial id -> the beats this process wrote for it
+            # study id -> {running trial id: (its heartbeat as last seen, this process's monotonic time then)}
+            self._seen: dict[int, dict[int, tuple[Any, float]]] = {}
+            self._seen_lock = threading.Lock()
+
         def record_heartbeat(self, trial_id: int) -> None:
+            self._beats[trial_id] = self._beats.get(trial_id, 0) + 1
             try:
-                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, self._beats[trial_id])
             except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # the trial ended between two beats
+                pass  # the trial ended between two beats, or another worker failed it
+            for study_id in list(self._seen):  # keep watching the other trials while this worker trains
+                self._get_stale_trial_ids(study_id)
 
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            return [trial._trial_id for trial in self.get_all_trials(study_id, deepcopy=False,
-                                                                     states=(TrialState.RUNNING,))
-                    if now - trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp())
-                    > 2 * heartbeat]
+            """The study's running trials whose heartbeat has not changed for two intervals of this process's
+            clock (a trial seen for the first time starts its two intervals now)."""
+            now = time.monotonic()
+            running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+            with self._seen_lock:
+                before = self._seen.get(study_id, {})
+                seen = {}
+                for trial in running:
+                    beat = trial.system_attrs.get(HEARTBEAT_ATTR)
+                    last = before.get(trial._trial_id)
+                    seen[trial._trial_id] = last if last is not None and last[0] == beat else (beat, now)
+                self._seen[study_id] = seen
+            return [trial_id for trial_id, (_, since) in seen.items() if now - since > 2 * heartbeat]
 
         def get_heartbeat_interval(self) -> int:
             return heartbeat
@@ -66,9 +102,9 @@ def journal_storage(path: Path, heartbeat: int, retry) -> Any:
 
 def open_storage(storage: str, heartbeat: int) -> Any:
     """The Optuna storage `storage` names ("journal:PATH" or an SQLAlchemy URL), checked by connecting to it."""
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=RETRIES)
+    retry = Retry(RETRIES)
     if storage.startswith(JOURNAL_PREFIX):
         return journal_storage(Path(storage[len(JOURNAL_PREFIX):]).expanduser(), heartbeat, retry)
     shown = _without_password(storage)

@@ -1,9 +1,12 @@
-"""Hyperparameter tuning with Optuna: TPE sampling over a search space of config keys (configs/tune/*.yaml),
-median pruning on each epoch's validation macro F1, a study in SQLite under OUTPUTS/tune/ that a rerun resumes.
+"""Hyperparameter tuning with Optuna: TPE sampling over a search space of config keys (configs/tune/*.yaml: cnn
+for the 2022 ladder, vit for ViT fine-tuning with layer-wise lr decay, the default picked from the experiment),
+median pruning on each epoch's validation macro F1 once the trial's lr warm-up is over, a study in SQLite under
+OUTPUTS/tune/ that a rerun resumes.
 
 Every trial is an ordinary experiment run (`run_experiment`, the one training loop, the shared folds) on the folds
 given, named STUDY-tNNN with its files in OUTPUTS/tune/STUDY/STUDY-tNNN, so trials never share outputs. The loop
-reports each epoch through its `on_epoch` hook; the trial's value is its folds' mean best validation macro F1.
+reports each epoch through its `on_epoch` hook; the trial's value is its folds' mean best validation macro F1. A
+trial that ends (complete or pruned) keeps no last.pt: a finished fold keeps best.pt, a fold cut short no weights.
 At the end: the trials table (CSV and markdown), a picture of the trials, and the best trial's values as a config
 delta whose parent is the tuned experiment.
 """
@@ -29,11 +32,16 @@ from ..core.config import parse_overrides, resolve_config
 from ..core.errors import UserError
 from ..core.files import write_csv, write_text
 from ..core.layout import ExperimentDir
-from ..core.paths import CONFIG_DIR, TUNE_DIR
+from ..core.paths import CONFIG_DIR, REPO, TUNE_DIR
+from ..core.schema import ExperimentConfig
+from ..data.competition import CompetitionData, style_images_for_fold
+from ..data.folds import shared_folds
 from ..pipeline.resolve import RunConfig
 from ..pipeline.run import run_experiment
+from ..training.schedules import warmup_steps
 from .study_storage import open_storage
 PACKAGE = "optuna==5.0.0"
+AUTO_SPACE = "auto"
 Value = Union[bool, int, float, str, list]
 
 
@@ -74,10 +82,23 @@ class Space(BaseModel):
     seed: int = Field(0, description="seed of the TPE sampler")
     random_trials: int = Field(10, ge=0, description="trials sampled at random before TPE models the results")
     pruner_startup_trials: int = Field(5, ge=0, description="finished trials before the median pruner prunes")
-    prune_from_epoch: int = Field(1, ge=1, description="the first epoch at which a trial can be pruned")
+    prune_from_epoch: int = Field(1, ge=1, description="the first epoch of a fold at which a trial can be pruned; "
+                                  "never before the trial's own lr warm-up is over")
 
 
-def space_path(name: str) -> Path:
+def family_space(cfg: ExperimentConfig) -> str:
+    """The search space for an experiment's family: vit for ViT fine-tuning with layer-wise lr decay (exp22-25),
+    cnn for the 2022 ladder (exp00-21)."""
+    return "vit" if cfg.optimizer.layer_decay is not None else "cnn"
+
+
+def space_path(name: str, cfg: ExperimentConfig, log: Callable[[str], None] = print) -> Path:
+    """The search space file `name` names: a name under configs/tune/, a .yaml path, or 'auto' (the family's)."""
+    if name == AUTO_SPACE:
+        name = family_space(cfg)
+        log(f"{cfg.name}: search space {name} ({(TUNE_DIR / f'{name}.yaml').relative_to(REPO)}), the one for "
+            + ("ViT fine-tuning with layer-wise lr decay (optimizer.layer_decay is set)" if name == "vit" else
+               "the 2022 ladder (no optimizer.layer_decay)") + "; --space NAME or FILE picks another")
     path = Path(name)
     if path.suffix != ".yaml":
         path = TUNE_DIR / f"{name}.yaml"
@@ -126,6 +147,36 @@ def suggest(trial, key: str, param: Param) -> Value:
     return trial.suggest_float(key, param.low, param.high, step=param.step, log=param.log)
 
 
+def warmup_of(cfg: ExperimentConfig, train_images: int) -> tuple[int, int]:
+    """(iterations of the lr warm-up, iterations an epoch) of a fold that trains on `train_images` images, as its
+    schedule runs them: no warm-up for a constant lr; the training loader drops the last incomplete batch."""
+    steps = train_images // cfg.train.batch_size if train_images > cfg.train.batch_size else 1
+    if cfg.scheduler.name == "constant":
+        return 0, steps
+    return warmup_steps(cfg.scheduler, steps, cfg.train.epochs * steps), steps
+
+
+def fold_train_images(data: CompetitionData, split: pd.DataFrame, fold: int) -> int:
+    """The images fold `fold` trains on, as train_fold picks them: the other folds' paintings and the
+    style-transfer images none of its validation paintings made."""
+    is_val = (split["fold"] == fold).to_numpy()
+    style = 0 if data.style is None else len(style_images_for_fold(data.style, set(data.train["id"][is_val])))
+    return int((~is_val).sum()) + style
+
+
+def drop_checkpoints(out_dir: Path, folds: list[int]) -> int:
+    """What an ended trial keeps: no last.pt (what resumes), best.pt (what predicts) only for a finished fold.
+    Returns the bytes removed."""
+    removed = 0
+    for k in folds:
+        fold = ExperimentDir(out_dir).fold(k)
+        for path in (fold.last,) if fold.done.is_file() else (fold.last, fold.best):
+            if path.is_file():
+                removed += path.stat().st_size
+                path.unlink()
+    return removed
+
+
 def trials_table(study) -> pd.DataFrame:
     """One row per trial: number, state, value (mean best validation macro F1), the epochs it reported, its
     parameters, its duration and its experiment folder."""
@@ -171,7 +222,8 @@ def plot_trials(study, path: Path) -> Path:
     curves.set_xlabel("step (epoch; folds one after another)")
     curves.set_ylabel("validation macro F1")
     curves.set_title("epochs reported to the median pruner")
-    curves.legend(fontsize=6, ncol=2)
+    if curves.lines:  # a retry that resumed a finished fold reported no epoch
+        curves.legend(fontsize=6, ncol=2)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     values.bar([t.number for t in done], [t.value for t in done], color="tab:blue")
     if done:
@@ -233,10 +285,10 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
     storage = storage or f"sqlite:///{(tune_dir / f'{study_name}.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
+    # The pruner looks at every step; on_epoch asks it only from each fold's first prunable epoch on.
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage, heartbeat), direction="maximize",
                                 load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials,
-                                                                   n_warmup_steps=space.prune_from_epoch))
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=space.pruner_startup_trials))
     states = optuna.trial.TrialState
     finished = (states.COMPLETE, states.PRUNED)
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -248,7 +300,20 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
     log(f"{study_name}: {count(study, finished)} of {trials} trials finished in {_shown(storage)}; worker {worker} "
         f"tuning {', '.join(space.params)} on folds {folds}")
 
+    owned: Optional[int] = None  # the number of the trial whose objective ended by itself (returned, pruned, lost)
+
     def objective(trial) -> float:
+        nonlocal owned
+        owned = None
+        try:
+            value = run_trial(trial)
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+            owned = trial.number
+            raise
+        owned = trial.number
+        return value
+
+    def run_trial(trial) -> float:
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         params = {key: suggest(trial, key, param) for key, param in space.params.items()}
@@ -262,21 +327,39 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
         log(f"{name}: {', '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in params.items())}"
             + (f" (trial {trial.number}, retrying trial {retried} of a worker that died)" if retried is not None
                else ""))
+        split = shared_folds(run.data, run.cfg.data.n_folds, run.cfg.data.fold_seed, outputs / "folds")
+        warmups = {k: warmup_of(run.cfg, fold_train_images(run.data, split, k)) for k in folds}
+        # A fold is judged from the first epoch that starts after its lr warm-up (and not before prune_from_epoch).
+        prune_from = {k: max(space.prune_from_epoch, -(-warm // steps) + 1) for k, (warm, steps) in warmups.items()}
+        log(f"{name}: pruning from " + "; ".join(
+            f"epoch {prune_from[k]} of fold {k} (lr warm-up {warm} iterations, {warm / steps:.3g} epochs of {steps})"
+            for k, (warm, steps) in warmups.items()) + f"; prune_from_epoch {space.prune_from_epoch}")
 
         def on_epoch(fold: int, record: dict) -> None:
-            step = folds.index(fold) * run.cfg.train.epochs + int(record["epoch"])
-            trial.report(record["val_macro_f1"], step)
-            if trial.should_prune():
-                log(f"{name}: pruned at epoch {record['epoch']} of fold {fold}: val macro F1 "
+            epoch = int(record["epoch"])
+            trial.report(record["val_macro_f1"], folds.index(fold) * run.cfg.train.epochs + epoch)
+            if epoch >= prune_from[fold] and trial.should_prune():
+                log(f"{name}: pruned at epoch {epoch} of fold {fold}: val macro F1 "
                     f"{record['val_macro_f1']:.4f} is below the median of earlier trials at this step")
                 raise optuna.TrialPruned()
 
-        run_experiment(run, outputs, tune_dir / study_name / "submissions",
-                       extra_info={"overrides": base_overrides, "command": command, "study": study_name,
-                                   "trial": trial.number, "params": params},
-                       log=log, out_dir=out_dir, on_epoch=on_epoch)
+        try:
+            run_experiment(run, outputs, tune_dir / study_name / "submissions",
+                           extra_info={"overrides": base_overrides, "command": command, "study": study_name,
+                                       "trial": trial.number, "params": params},
+                           log=log, out_dir=out_dir, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            discard_checkpoints(name, out_dir)
+            raise
+        discard_checkpoints(name, out_dir)
         trained = ExperimentDir(out_dir)
         return float(np.mean([trained.fold(k).done_record()["best_macro_f1"] for k in folds]))
+
+    def discard_checkpoints(name: str, out_dir: Path) -> None:
+        removed = drop_checkpoints(out_dir, folds)
+        if removed:
+            log(f"{name}: removed {removed / 2 ** 20:,.0f} MiB of checkpoints (a trial that ended keeps no last.pt; a "
+                "finished fold keeps best.pt)")
 
     completed_it = False
 
@@ -297,7 +380,14 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
             fail_stale_trials(study)  # the last trials run elsewhere; a dead worker's are failed and enqueued again
             time.sleep(min(5.0, heartbeat / 2))
             continue
-        study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[report])
+        try:
+            study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[report])
+        except Exception:
+            lost = next((t for t in study.get_trials(deepcopy=False) if t.number == owned), None)
+            if lost is None or lost.state != states.FAIL:
+                raise
+            log(f"{study_name}: trial {lost.number} was failed by another worker while this one ran it (its "
+                "heartbeat looked stale there, which queues its retry); this worker goes on")
         ran += 1
     if not (completed_it or complete_on_arrival or (count(study, finished) < trials and ran)):
         log(f"{study_name}: {count(study, finished)} of {trials} trials finished; the worker that finishes the "
@@ -339,7 +429,7 @@ def command_tune(args: argparse.Namespace) -> None:
     if args.storage:  # a storage nobody can use stops before the data is read and any trial trains
         open_storage(args.storage, args.heartbeat)
     base = resolve_run(args.experiment, args.profile, args.overrides, args.data)
-    run_tune(args.experiment, space_path(args.space), args.trials, args.folds, args.timeout, base,
+    run_tune(args.experiment, space_path(args.space, base.cfg, log), args.trials, args.folds, args.timeout, base,
              Path(args.outputs), list(args.overrides), Path(args.best_config) if args.best_config else None,
              " ".join(["bash run.sh tune", *sys.argv[2:]]), log=log, storage=args.storage, study_name=args.study,
              heartbeat=args.heartbeat)

@@ -29,6 +29,7 @@ from ..data.image_cache import ImageCache
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
 from ..model.checkpoints import load_weights, read_checkpoint
+from .ema import ema_horizon_note, ema_line
 from .loop import Training, build_training, capture_rng, restore_rng, train_one_epoch
 from .schedules import base_lr, early_stop_note, schedule_note
 
@@ -153,9 +154,12 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     processes = f" x {ctx.world_size} processes (DDP{synced})" if ctx.enabled else ""
     log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
         f"at {cfg.input.img_size}px on {device.type}{processes}, {run.workers} loader workers; validating on "
-        f"{validation.describe()}{', EMA of the weights' if run.ema is not None else ''}")
+        f"{validation.describe()}")
+    if run.ema is not None:
+        log(f"{name}: {ema_line(run.ema, len(run.loader))}")
     notes = (schedule_note(cfg.scheduler, cfg.optimizer.lr, len(run.loader), cfg.train.epochs),
-             early_stop_note(cfg.scheduler, cfg.train.epochs, cfg.train.patience))
+             early_stop_note(cfg.scheduler, cfg.train.epochs, cfg.train.patience),
+             ema_horizon_note(run.ema, cfg.train.epochs * len(run.loader)) if run.ema is not None else None)
     for note in filter(None, notes if not progress.epochs_done else ()):
         log(f"{name}: {note}")
 
@@ -193,6 +197,9 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     result = FoldResult(fold=fold, best_epoch=progress.best_epoch, best_macro_f1=progress.best_macro_f1,
                         epochs_run=progress.epochs_done)
     write_fold_results(raw, fold_dir, data, validation, progress, fingerprint, result, name)
+    if run.ema is not None:
+        steps = run.scheduler.last_epoch
+        log(f"{name}: EMA decay at the last step ({steps:,}): {run.ema.get_decay(steps):.6g}")
     log(f"{name}: best val macro F1 {progress.best_macro_f1:.4f} at epoch {progress.best_epoch}")
     return result
 

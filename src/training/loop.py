@@ -26,6 +26,7 @@ from ..data.sampler import build_sampler
 from ..data.transforms import build_train_transform
 from ..model.networks import build_model, normalisation
 from ..model.prepare import prepare_model, uses_channels_last
+from .ema import build_ema
 from .losses import build_loss
 from .optim import SAM, build_optimizer, parameter_groups
 from .schedules import base_lr, build_scheduler
@@ -133,7 +134,7 @@ class Training:
 
     @property
     def predicting_model(self) -> nn.Module:
-        """The model that validates and predicts: the EMA of the weights when train.ema_decay is set."""
+        """The model that validates and predicts: the EMA of the weights when train.ema_decay or ema_epochs is set."""
         return self.ema_eval_model if self.ema is not None else self.eval_model
 
     def predicting_state(self) -> dict:
@@ -175,7 +176,7 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
     if use_scaler and isinstance(optimizer, SAM):
         raise UserError("optimizer.sam_rho does not combine with float16 AMP (its gradient scaler); "
                         "set train.amp_dtype=bfloat16 or train.amp=false")
-    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, use_warmup=True) if cfg.train.ema_decay else None
+    ema = build_ema(model, cfg.train, steps_per_epoch=len(loader))
     train_model, eval_model = prepare_model(model, cfg, device, ctx)
     return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
                     torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),

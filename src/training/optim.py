@@ -87,6 +87,24 @@ def running_statistics_kept(model: nn.Module | None) -> Iterator[None]:
                 layer.num_batches_tracked.copy_(count)
 
 
+@contextlib.contextmanager
+def norm_pre_in_stem(backbone: nn.Module) -> Iterator[None]:
+    """timm's ViT group matcher sends every name starting with 'norm' to the top layer, CLIP's `norm_pre` (the
+    LayerNorm right after the patch embedding, ln_pre) with the final `norm`: under layer decay it would train at the
+    head's lr. FT-CLIP trains it with the patch embedding, layer 0; so does this matcher, for as long as it is open."""
+    matcher = backbone.group_matcher(coarse=False) if hasattr(backbone, "group_matcher") else None
+    has_norm_pre = any(name.startswith("norm_pre.") for name, _ in backbone.named_parameters())
+    if not (has_norm_pre and isinstance(matcher, dict) and isinstance(matcher.get("stem"), str)):
+        yield
+        return
+    stem = {**matcher, "stem": matcher["stem"] + "|^norm_pre"}
+    backbone.group_matcher = lambda coarse=False: stem if not coarse else matcher
+    try:
+        yield
+    finally:
+        del backbone.group_matcher
+
+
 def parameter_groups(model: nn.Module, cfg: OptimizerConfig):
     """What the optimiser trains: every parameter at optimizer.lr, or with optimizer.layer_decay timm's layer-wise
     groups of the backbone (param_groups_layer_decay: the backbone's group_matcher numbers its layers, layer i of L
@@ -99,8 +117,9 @@ def parameter_groups(model: nn.Module, cfg: OptimizerConfig):
 
     backbone = model.backbone
     skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
-    groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=skip,
-                                      layer_decay=cfg.layer_decay)
+    with norm_pre_in_stem(backbone):
+        groups = param_groups_layer_decay(backbone, weight_decay=cfg.weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=cfg.layer_decay)
     head = [p for p in model.head.parameters() if p.requires_grad]
     groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
                {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]

@@ -56,6 +56,13 @@ def _cycle_steps(cfg: SchedulerConfig, steps_per_epoch: int, epochs: int) -> flo
     return fitted_cycle_steps(epochs * steps_per_epoch, configured, cfg.cycle_mult) if cfg.fit_cycles else configured
 
 
+def warmup_steps(cfg: SchedulerConfig, steps_per_epoch: int, cycle_steps: float) -> int:
+    """The linear warm-up in iterations: scheduler.warmup_epochs x steps an epoch when set, else warmup_steps;
+    at most the cycle's length less one."""
+    configured = cfg.warmup_steps if cfg.warmup_epochs is None else round(cfg.warmup_epochs * steps_per_epoch)
+    return min(configured, max(1, round(cycle_steps)) - 1)
+
+
 def schedule_note(cfg: SchedulerConfig, peak: float, steps_per_epoch: int, epochs: int) -> str | None:
     """One line when the warm-restart schedule ends mid-cycle at the last epoch, else None."""
     if cfg.name != "cosine_warm_restarts":
@@ -67,7 +74,7 @@ def schedule_note(cfg: SchedulerConfig, peak: float, steps_per_epoch: int, epoch
         cycle += 1
     if cycle_start(cycle + 1, cycle_steps, cfg.cycle_mult) == total:
         return None
-    warmup = min(cfg.warmup_steps, max(1, round(cycle_steps)) - 1)
+    warmup = warmup_steps(cfg, steps_per_epoch, cycle_steps)
     last = warm_restart_lr(total - 1, cycle_steps, cfg.cycle_mult, warmup, peak, cfg.gamma, cfg.min_lr)
     return (f"the warm-restart schedule ends mid-cycle at lr {last:.1e}, above its floor {cfg.min_lr:.1e} "
             f"({epochs} epochs, cycles of {cfg.cycle_epochs:g}); scheduler.fit_cycles=true fits whole cycles to "
@@ -102,6 +109,6 @@ def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, step
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     peak = base_lr(optimizer)
     cycle_steps = _cycle_steps(cfg, steps_per_epoch, epochs)
-    warmup = min(cfg.warmup_steps, max(1, round(cycle_steps)) - 1)
+    warmup = warmup_steps(cfg, steps_per_epoch, cycle_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warm_restart_lr(
         step, cycle_steps, cfg.cycle_mult, warmup, peak, cfg.gamma, cfg.min_lr) / peak)
