@@ -187,7 +187,7 @@ def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
 
 
 @pytest.mark.slow
-def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(tiny_root, tmp_path):
+def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(tiny_root, tmp_path, capsys):
     assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path, "--submissions", tmp_path / "s",
                    "--profile", "demo", "input.img_size=32", "train.epochs=1", "train.batch_size=8",
                    "train.folds=[0]", "train.ema_decay=0.9", "train.keep_checkpoints=true") == 0
@@ -197,7 +197,7 @@ def test_an_ema_run_validates_both_and_saves_the_average_beside_the_raw_weights(
     assert all(torch.equal(best["model"][k], last["ema"][k]) for k in last["ema"])
     assert any(not torch.equal(best["model"][k], best["raw_model"][k]) for k in best["model"])
     assert "val_macro_f1_raw" in pd.read_csv(fold / "history.csv").columns
-    log = (tmp_path / "exp00" / "logs" / "fold0.log").read_text()
+    log = "".join(capsys.readouterr())  # the fold's log lines
     assert "EMA of the weights: decay 0.9 a step, an average over the last 10 steps" in log
     steps, decay = re.search(r"EMA decay at the last step \((\d+)\): ([\d.]+)", log).groups()
     assert float(decay) == pytest.approx(min(0.9, 1 - 1 / int(steps)), rel=1e-5)
