@@ -34,10 +34,11 @@ from ..core.files import write_csv, write_text
 from ..core.layout import ExperimentDir
 from ..core.paths import CONFIG_DIR, REPO, TUNE_DIR
 from ..core.schema import ExperimentConfig
-from ..data.competition import CompetitionData, style_images_for_fold
+from ..data.competition import CompetitionData
 from ..data.folds import shared_folds
 from ..pipeline.resolve import RunConfig
 from ..pipeline.run import run_experiment
+from ..training.fold import fold_rows
 from ..training.schedules import warmup_steps
 from .study_storage import open_storage
 PACKAGE = "optuna==5.0.0"
@@ -157,11 +158,8 @@ def warmup_of(cfg: ExperimentConfig, train_images: int) -> tuple[int, int]:
 
 
 def fold_train_images(data: CompetitionData, split: pd.DataFrame, fold: int) -> int:
-    """The images fold `fold` trains on, as train_fold picks them: the other folds' paintings and the
-    style-transfer images none of its validation paintings made."""
-    is_val = (split["fold"] == fold).to_numpy()
-    style = 0 if data.style is None else len(style_images_for_fold(data.style, set(data.train["id"][is_val])))
-    return int((~is_val).sum()) + style
+    """The number of images fold `fold` trains on, as train_fold picks them."""
+    return len(fold_rows(data, split, fold)[0])
 
 
 def drop_checkpoints(out_dir: Path, folds: list[int]) -> int:

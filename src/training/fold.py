@@ -123,6 +123,16 @@ def epoch_line(name: str, epochs: int, record: dict, improved: bool) -> str:
             f"{record['train_images_per_s']:,.0f} images/s  {record['seconds']:.0f}s{'  *best*' if improved else ''}")
 
 
+def fold_rows(data: CompetitionData, folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What fold `fold` trains on (the other folds' paintings and the style-transfer images none of its validation
+    paintings made) and validates on (its own paintings)."""
+    is_val = (folds["fold"] == fold).to_numpy()
+    train_rows, val_rows = data.train[~is_val], data.train[is_val]
+    if data.style is not None:
+        train_rows = pd.concat([train_rows, style_images_for_fold(data.style, set(val_rows["id"]))])
+    return train_rows, val_rows
+
+
 def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame, fold: int, fold_dir: FoldDir,
                device: torch.device, fingerprint: str, log: Callable[[str], None] = print,
                image_cache: Optional[ImageCache] = None, ctx: DistContext = SINGLE_PROCESS,
@@ -134,10 +144,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     fold there (a tuning trial's pruning), leaving last.pt to resume from."""
     name = f"{cfg.name} fold {fold}"
     seed_everything(cfg.seed + fold)
-    is_val = (folds["fold"] == fold).to_numpy()
-    train_rows, val_rows = data.train[~is_val], data.train[is_val]
-    if data.style is not None:
-        train_rows = pd.concat([train_rows, style_images_for_fold(data.style, set(val_rows["id"]))])
+    train_rows, val_rows = fold_rows(data, folds, fold)
     stream_seed = cfg.seed + fold + 10_000 * ctx.rank
     if ctx.enabled:
         seed_everything(stream_seed)
