@@ -10,8 +10,10 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .core.errors import UserError, one_line
+from .core.errors import DISK_FULL, UserError, disk_full_in, one_line
+from .core.names import check_name
 from .core.paths import CONFIG_DIR, DEMO_ROOT, OUTPUTS, SUBMISSIONS
+from .core.redact import redact
 
 ABOUT = """Artist classification (Dacon 236006): name the painter (50 artists) of a crop of about a quarter of a
 painting, scored by macro F1. Plain PyTorch over timm backbones, 5-fold CV with out-of-fold predictions for every
@@ -40,7 +42,8 @@ def submissions_option(command: argparse.ArgumentParser) -> None:
 
 def training_options(command: argparse.ArgumentParser) -> None:
     """What `run` and `ladder` share: --restart and the multi-process launch."""
-    command.add_argument("--restart", action="store_true", help="discard the experiment's outputs first")
+    command.add_argument("--restart", action="store_true", help="train the folds afresh: first remove the folds "
+                         "this run trains (train.folds; all when unset) and what was published from them")
     command.add_argument("--gpus", help="train the folds in parallel, one process per GPU (e.g. 0,1,2,3 or all); "
                          "a GPU listed twice runs two folds at once")
     command.add_argument("--ddp", type=int, default=1, metavar="N",
@@ -295,6 +298,17 @@ def run_tests(pytest_args: list[str]) -> int:
     return pytest.main(["-q", "tests", *pytest_args])
 
 
+def check_names(args: argparse.Namespace) -> None:
+    """Every name an argument gives of an experiment, ensemble, TTA run or study is a plain name (src/core/names.py):
+    it becomes a path under OUTPUTS. (ladder's patterns become config names first, checked when resolved.)"""
+    for attribute, what in (("experiment", "experiment"), ("name", "name"), ("study", "--study"),
+                            ("detail", "--detail")):
+        if getattr(args, attribute, None) is not None:
+            check_name(getattr(args, attribute), what)
+    for name in args.experiments if args.command in ("score", "board") else ():
+        check_name(name, "experiment")
+
+
 def handler_of(name: str) -> Callable[[argparse.Namespace], None]:
     module, function = COMMANDS[name].handler.split(":")
     return getattr(importlib.import_module(module), function)
@@ -325,9 +339,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown or (args.overrides and not COMMANDS[args.command].overrides):
         parser.error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     try:
+        check_names(args)
         handler_of(args.command)(args)
     except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        print(f"error: {redact(one_line(error))}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as error:  # a full disk outside the atomic writes (TensorBoard's files, say)
+        full = disk_full_in(error)
+        if full is None:
+            raise
+        print(f"error: {DISK_FULL[full.errno]} writing {full.filename or 'a file'}; free some space (or point "
+              "--outputs at another disk) and rerun the same command: finished epochs and folds are kept",
+              file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished folds are kept, rerun the same command to continue", file=sys.stderr)

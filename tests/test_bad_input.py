@@ -301,21 +301,24 @@ def tiny_model(n_classes: int, backbone: str = "test_efficientnet"):
 
 def test_checkpoint_from_another_backbone_or_class_count(tmp_path):
     classes = ["A", "B", "C"]
-    path = tmp_path / "best.pt"
+    path = tmp_path / "exp00" / "fold2" / "best.pt"
     save_torch({"model": tiny_model(3).state_dict(), "classes": classes, "backbone": "test_efficientnet"}, path)
     load_checkpoint(tiny_model(3), path, classes, "test_efficientnet")
     with pytest.raises(UserError, match="trained with backbone 'test_efficientnet' and 3 artists, not "
                                         "'test_resnet' and 3"):
         load_checkpoint(tiny_model(3, "test_resnet"), path, classes, "test_resnet")
-    with pytest.raises(UserError, match="and 3 artists, not 'test_efficientnet' and 4; .*--restart"):
+    with pytest.raises(UserError, match=r"and 3 artists, not 'test_efficientnet' and 4; use the checkpoint of this "
+                                        r"experiment and data, or train the fold again: bash run.sh exp00 "
+                                        r"train.folds=\[2\] --restart$"):
         load_checkpoint(tiny_model(4), path, [*classes, "D"], "test_efficientnet")
 
 
 def test_unreadable_checkpoint(tmp_path):
-    path = tmp_path / "last.pt"
+    path = tmp_path / "exp00" / "fold0" / "last.pt"
     save_torch({"model": tiny_model(3).state_dict()}, path)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match=r"last.pt: not a readable checkpoint \(RuntimeError: .*--restart"):
+    with pytest.raises(UserError, match=r"last.pt: not a readable checkpoint \(RuntimeError: .*; train the fold "
+                                        r"again: bash run.sh exp00 train.folds=\[0\] --restart$"):
         load_checkpoint(tiny_model(3), path, ["A", "B", "C"], "test_efficientnet")
     torch.save(tiny_model(3), path)  # a pickled module: weights_only=True refuses to run its code
     with pytest.raises(UserError, match=r"not a readable checkpoint \(UnpicklingError: Weights only load failed"):

@@ -103,16 +103,29 @@ def test_changed_config_refuses_to_mix_with_finished_folds(finished_run, capsys)
     assert (finished_run["exp"] / "config.yaml").read_text() == config  # the refused run changed nothing
 
 
-def test_restart_discards_the_finished_folds_and_trains_again(finished_run, tmp_path, capsys):
+def test_restart_trains_again_exactly_the_folds_it_names_and_refuses_to_mix_configs(finished_run, tmp_path, capsys):
+    """--restart removes the folds the run trains (train.folds) and what was published from them, nothing else; a
+    restart of some folds with another config would mix configs, so it is refused with nothing removed."""
     outputs = Path(shutil.copytree(finished_run["outputs"], tmp_path / "outputs"))
-    args = ["run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions",
-            tmp_path / "submissions", *TINY_RUN, "optimizer.lr=0.01", "train.folds=[0]"]
-    assert run_cli(*args) == 2
-    assert run_cli(*args, "--restart") == 0
-    assert f"--restart: removed {outputs / 'exp00'}" in capsys.readouterr().out
-    assert sorted(p.name for p in (outputs / "exp00").glob("fold*")) == ["fold0"]
-    assert yaml.safe_load((outputs / "exp00" / "config.yaml").read_text())["optimizer"]["lr"] == 0.01
-    assert not (outputs / "exp00" / "oof.csv").exists()  # written again once all five folds are done
+    submissions = Path(shutil.copytree(finished_run["submissions"], tmp_path / "submissions"))
+    files = {path: path.read_bytes() for path in (outputs / "exp00").rglob("*") if path.is_file()}
+    args = ["run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions", submissions,
+            *TINY_RUN]
+    assert run_cli(*args, "optimizer.lr=0.01", "train.folds=[0]", "--restart") == 2
+    err = capsys.readouterr().err
+    assert "fold1 holds a fold trained with another config or data, and --restart trains only folds [0] again" in err
+    assert all(path.read_bytes() == data for path, data in files.items()), "the refused restart removed nothing"
+
+    assert run_cli(*args, "train.folds=[1]", "--restart") == 0
+    out = capsys.readouterr().out
+    assert f"--restart: removed fold1, tb/fold1, tb/experiment, oof.csv, test_probs.csv, {submissions / 'exp00.csv'} " \
+           f"from {outputs / 'exp00'}, to train folds [1] again" in out
+    assert out.count("already complete, skipped") == 0 and "exp00 fold 1 epoch 1/1" in out
+    changed = {path for path, data in files.items() if not path.is_file() or path.read_bytes() != data}
+    relative = {str(path.relative_to(outputs / "exp00")) for path in changed}
+    assert all(name.startswith(("fold1/", "tb/fold1/", "tb/experiment/", ".locks/")) or name in
+               ("config.yaml", "oof.csv", "test_probs.csv") for name in relative), relative
+    assert "CV macro F1" in out.strip().splitlines()[-1], "all five folds done again: published"
 
 
 def test_best_epoch_and_early_stopping_follow_the_validation_score(tiny_root, tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ from typing import Any, Optional, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import UserError
+from .errors import UserError, quoted
+from .names import check_name
 from .paths import CONFIG_DIR, REPO
 from .schema import ExperimentConfig
 
@@ -107,8 +108,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def experiment_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
-    path = config_dir / f"{name}.yaml"
+def experiment_path(name: str, config_dir: Path = CONFIG_DIR, named_by: str = "experiment") -> Path:
+    """configs/NAME.yaml; `named_by` says where the name came from (the command line, a child's parent key)."""
+    path = config_dir / f"{check_name(name, named_by)}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise UserError(f"no experiment '{name}': {path} does not exist (known: {', '.join(known)})")
@@ -130,6 +132,8 @@ def _resolve_chain(name: str, config_dir: Path, seen: tuple[str, ...] = ()) -> d
     if "name" in data:
         raise UserError(f"{path}: remove the 'name' key; an experiment is named after its file")
     parent = data.get("parent")
+    if parent is not None:
+        check_name(parent, f"{path}: parent")
     base = _resolve_chain(parent, _parent_dir(parent, config_dir), seen + (name,)) if parent else {}
     merged = deep_merge(base, data)
     merged["name"] = name
@@ -171,7 +175,8 @@ def _validate(data: dict, source: str) -> ExperimentConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{source}: '{where}': {err['msg']} (got {err.get('input')!r}); fix the config") from None
+        message = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{source}: '{where}': {message} (got {quoted(err.get('input'))}); fix the config") from None
 
 
 def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional[list[str]] = None,

@@ -9,6 +9,8 @@ under `run`.
 from __future__ import annotations
 
 import json
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,9 +19,18 @@ import yaml
 
 from .errors import UserError
 from .files import write_json
+from .paths import CONFIG_DIR, ENSEMBLE_DIR
 from .schema import ExperimentConfig
 
 DONE_FILE = "done.json"
+FOLD_FOLDER = re.compile(r"fold\d+")
+# The columns of the tables a run writes beside one column per artist (val_probs.csv, oof.csv, test_probs.csv, the
+# submission): no artist may be named like one of them.
+TABLE_COLUMNS = ("id", "crop", "fold", "artist", "pred")
+# What an export bundle holds at its top level (src/pipeline/export.py): the models, the code and its entry point.
+BUNDLE_MODELS = "models"
+BUNDLE_CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt")
+BUNDLE_ENTRIES = (BUNDLE_MODELS, *BUNDLE_CODE, "predict.py", "manifest.json")
 
 
 def _file(name: str) -> property:
@@ -39,8 +50,32 @@ class FoldDir:
     done = _file(DONE_FILE)
 
     def done_record(self) -> Optional[dict[str, Any]]:
-        """What done.json holds (the fingerprint and the fold's result), or None while the fold is not done."""
-        return json.loads(self.done.read_text()) if self.done.is_file() else None
+        """What done.json holds (the fingerprint and the fold's result); None while the fold is not done, and when
+        done.json is not the record a finished fold writes (`damage` says so)."""
+        try:
+            record = json.loads(self.done.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and "fingerprint" in record else None
+
+    def damage(self, weights: bool = True) -> Optional[str]:
+        """Why a fold that done.json marks finished cannot be used as it is, or None: done.json unreadable, or a
+        file its results need missing (val_probs.csv, test_probs.csv, and best.pt when the fold has `weights`) or,
+        for best.pt, not a whole checkpoint (torch's zip archive without its closing directory: cut short)."""
+        if not self.done.is_file():
+            return None
+        if self.done_record() is None:
+            return f"{DONE_FILE} is empty or damaged"
+        needed = [self.val_probs, self.test_probs, *([self.best] if weights else [])]
+        missing = [path.name for path in needed if not path.is_file()]
+        if missing:
+            return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+        if weights:
+            try:
+                zipfile.ZipFile(self.best).close()
+            except (OSError, zipfile.BadZipFile) as error:
+                return f"{self.best.name} is damaged ({error})"
+        return None
 
     def write_done(self, fingerprint: str, result: dict[str, Any]) -> None:
         write_json({"fingerprint": fingerprint, **result}, self.done)
@@ -122,6 +157,44 @@ class SavedRun:
     def run(self) -> dict[str, Any]:
         """Provenance: git commit, packages, data root and fingerprint, precision, ..."""
         return self.raw.get("run", {})
+
+
+def is_experiment_folder(path: Path) -> bool:
+    """Whether `path` is an experiment's (a TTA run's, an ensemble's) folder: it holds config.yaml, the lock folder
+    or a fold folder."""
+    try:
+        return path.is_dir() and ((path / "config.yaml").is_file() or (path / ".locks").is_dir() or any(
+            FOLD_FOLDER.fullmatch(child.name) and child.is_dir() for child in path.iterdir()))
+    except OSError:
+        return False
+
+
+def is_export_bundle(path: Path) -> bool:
+    """Whether `path` is a folder `export` wrote: manifest.json and nothing but what a bundle holds."""
+    try:
+        return path.is_dir() and (path / "manifest.json").is_file() and all(
+            child.name in BUNDLE_ENTRIES for child in path.iterdir())
+    except OSError:
+        return False
+
+
+KINDS = {"experiment": "an experiment", "tta": "a TTA run", "ensemble": "an ensemble"}
+
+
+def check_free_for(out_dir: Path, kind: str) -> None:
+    """Stop with one line when the name of `out_dir` belongs to another kind of run than `kind` (a key of KINDS):
+    experiments, TTA runs and ensembles share one namespace, the folders under OUTPUTS, and one would overwrite the
+    other's config, OOF, test probabilities and submission. Nor may an experiment take the name of an ensemble under
+    ensemble/, or an ensemble that of a config under configs/."""
+    saved = read_saved(out_dir, required=False)
+    name = out_dir.name
+    if saved is not None and saved.kind != kind:
+        raise UserError(f"{out_dir} holds {KINDS[saved.kind]} named {name}; {KINDS[kind]} of the same name would "
+                        "overwrite it (experiments, TTA runs and ensembles share one namespace): name it otherwise")
+    other = {"experiment": ENSEMBLE_DIR / f"{name}.yaml", "ensemble": CONFIG_DIR / f"{name}.yaml"}.get(kind)
+    if other is not None and other.is_file():
+        raise UserError(f"{other} also names {name}; {KINDS[kind]} and {KINDS['ensemble' if kind == 'experiment' else 'experiment']} "
+                        "may not share a name (their folders under OUTPUTS would collide): rename one of them")
 
 
 def read_saved(out_dir: Path, required: bool = True) -> Optional[SavedRun]:

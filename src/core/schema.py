@@ -6,6 +6,11 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .names import name_problem
+
+# Every seed: numpy's generators take 0 to 2**32 - 1, and a run adds the fold and 10,000 x the DDP rank to its seed.
+SEED_RANGE = {"ge": 0, "le": 2 ** 31 - 1}
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -13,7 +18,7 @@ class _Strict(BaseModel):
 
 class DataConfig(_Strict):
     n_folds: int = Field(5, ge=2)
-    fold_seed: int = 42
+    fold_seed: int = Field(42, **SEED_RANGE)
     label_fixes: dict[int, str] = Field(default_factory=dict,
                                         description="train id -> corrected artist for known noisy rows")
     style_transfer: bool = Field(False, description="add the generated images of style_transfer.csv to training")
@@ -82,8 +87,8 @@ class ValidationConfig(_Strict):
     crop_area: Union[Literal["auto"], tuple[float, float]] = Field(
         "auto", description="share of a painting's area a crop covers, drawn log-uniformly from (low, high); auto: "
         "the quartiles measured from the train and test image sizes (src/data/geometry.py)")
-    seed: int = Field(0, description="the crops depend only on this seed and the image id, so every experiment "
-                      "validates on the same crops")
+    seed: int = Field(0, **SEED_RANGE, description="the crops depend only on this seed and the image id, so every "
+                      "experiment validates on the same crops")
 
     @field_validator("crop_area")
     @classmethod
@@ -223,10 +228,11 @@ class TrackingConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str
+    name: str = Field(..., description="the experiment's folder under OUTPUTS and its submission's file name: a plain "
+                      "name (src/core/names.py)")
     parent: Optional[str] = None
     description: str = ""
-    seed: int = 42
+    seed: int = Field(42, **SEED_RANGE)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig
     input: InputConfig
@@ -240,3 +246,10 @@ class ExperimentConfig(_Strict):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     frozen: Optional[FrozenConfig] = Field(None, description="when set: frozen features + scikit-learn classifier")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name", "parent")
+    @classmethod
+    def _plain_name(cls, value):
+        if value is not None and name_problem(value):
+            raise ValueError(name_problem(value))
+        return value

@@ -19,6 +19,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from ..core.errors import UserError
+from ..core.files import missing_file_reason
+from ..core.layout import TABLE_COLUMNS
 
 TRAIN_COLUMNS = ("id", "img_path", "artist")
 TEST_COLUMNS = ("id", "img_path")
@@ -69,7 +71,9 @@ def read_csv(path: Path, required: tuple[str, ...], log: Optional[Callable[[str]
     Extra columns are dropped (and logged when `log` is given). The header is read as a plain row so that a row
     with more fields than the header is an error naming its line, not a silent shift of every column."""
     if not path.is_file():
-        raise UserError(f"{path}: file not found; put the competition files in the data root (see README)")
+        reason = missing_file_reason(path)
+        raise UserError(f"{path}: {'file not found' if reason == 'is not found' else reason}; put the competition "
+                        "files in the data root (see README)")
     try:
         rows = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
@@ -138,7 +142,7 @@ def _check_image(path: Path, limit: int) -> tuple[Path, Optional[str], int, int]
     header only: the pixel limit is checked before anything is decoded."""
     path = _on_disk(path)
     if not path.is_file():
-        return path, f"is not found; {RESTORE}", 0, 0
+        return path, f"{missing_file_reason(path)}; {RESTORE}", 0, 0
     if path.stat().st_size == 0:
         return path, f"is an empty (zero-byte) file; {RESTORE}", 0, 0
     try:
@@ -189,6 +193,15 @@ def _check_label_spellings(train: pd.DataFrame, path: Path) -> None:
             raise UserError(f"{path} line {line_of(rows[1])}: artist '{artist}' is spelled with other Unicode "
                             f"code points (NFC vs NFD) than at line {line_of(rows[0])}; write every name the "
                             "same way")
+
+
+def _check_reserved_names(train: pd.DataFrame, path: Path) -> None:
+    """An artist is a column of the tables a run writes (its probabilities), beside columns of the run's own."""
+    reserved = train.index[train["artist"].isin(TABLE_COLUMNS)]
+    if len(reserved):
+        raise UserError(f"{path} line {line_of(reserved[0])}: artist '{train.at[reserved[0], 'artist']}' has the "
+                        f"name of a column of the tables a run writes ({', '.join(TABLE_COLUMNS)}); rename the "
+                        "artist (e.g. add a space and a letter) in every row")
 
 
 def _apply_label_fixes(train: pd.DataFrame, label_fixes: dict[int, str], classes: list[str]) -> list[str]:
@@ -306,6 +319,7 @@ def load_competition_data(root: str | os.PathLike, label_fixes: Optional[dict[in
         raise UserError(f"{train_path} line {line_of(empty_label[0])}: empty artist label; "
                         "fill it in or remove the row")
     _check_label_spellings(train, train_path)
+    _check_reserved_names(train, train_path)
     _check_sample_ids(test, sample, test_path)
     classes = sorted(train["artist"].unique())
     for note in _apply_label_fixes(train, label_fixes or {}, classes):

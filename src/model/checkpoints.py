@@ -9,6 +9,18 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.layout import BUNDLE_MODELS, FOLD_FOLDER
+
+
+def remedy(path: Path) -> str:
+    """What to do about a checkpoint that cannot be used, by where it lies: a fold's (train that fold again), an
+    export bundle's (export again) or another file."""
+    fold, run = path.parent, path.parent.parent
+    if not FOLD_FOLDER.fullmatch(fold.name):
+        return "replace it with a checkpoint this repository wrote"
+    if run.parent.name == BUNDLE_MODELS:
+        return f"export {run.name} again (bash run.sh export {run.name})"
+    return f"train the fold again: bash run.sh {run.name} train.folds=[{fold.name.removeprefix('fold')}] --restart"
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -18,11 +30,11 @@ def read_checkpoint(path: Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged file raises any of a dozen types (RuntimeError, EOFError, IndexError...)
         first = re.split(r"\.\s", str(exc).strip(), maxsplit=1)[0][:100]  # the first sentence
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); delete it or rerun "
-                        "with --restart") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first}); {remedy(path)}") \
+            from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint of this repository; "
-                        "delete it or rerun with --restart")
+                        f"{remedy(path)}")
     return checkpoint
 
 
@@ -48,7 +60,7 @@ def load_checkpoint(model: nn.Module, path: Path, classes: list[str], backbone: 
     if checkpoint.get("backbone") != backbone or checkpoint.get("classes") != classes:
         raise UserError(f"{path}: trained with backbone '{checkpoint.get('backbone')}' and "
                         f"{len(checkpoint.get('classes') or [])} artists, not '{backbone}' and {len(classes)}; "
-                        "use the checkpoint of this experiment and data or rerun with --restart")
+                        f"use the checkpoint of this experiment and data, or {remedy(path)}")
     load_weights(model, checkpoint["model"])
     return checkpoint
 

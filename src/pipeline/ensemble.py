@@ -14,11 +14,13 @@ from typing import Callable, Literal, Optional, Union
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..core.errors import UserError
-from ..core.layout import ExperimentDir
+from ..core.errors import UserError, quoted
+from ..core.layout import ExperimentDir, check_free_for
+from ..core.names import check_name, name_problem
 from ..core.paths import ENSEMBLE_DIR
+from ..core.schema import SEED_RANGE
 from .score import describe_validation, fast_macro_f1, read_oof, read_run_config, validation_of
 # Hard voting stores vote shares; the summed probability enters at this scale, below one vote, so the argmax
 # of the stored scores is the majority with ties broken by the summed probability.
@@ -33,12 +35,20 @@ class EnsembleConfig(BaseModel):
     method: Literal["soft", "hard"] = "soft"
     weights: Union[None, Literal["fit"], list[float]] = Field(
         None, description="null: equal; a list: one weight per member; fit: fitted on the OOF (nested by fold)")
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
+
+    @field_validator("members")
+    @classmethod
+    def _plain_names(cls, members):
+        for member in members:
+            if name_problem(member):
+                raise ValueError(f"member {quoted(member, 60)}: {name_problem(member)}")
+        return members
 
 
 def load_ensemble_config(name: str, config_dir: Path | None = None) -> EnsembleConfig:
     config_dir = config_dir or ENSEMBLE_DIR
-    path = config_dir / f"{name}.yaml"
+    path = config_dir / f"{check_name(name, 'ensemble')}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise UserError(f"no ensemble '{name}': {path} does not exist (known: {', '.join(known)})")
@@ -47,7 +57,8 @@ def load_ensemble_config(name: str, config_dir: Path | None = None) -> EnsembleC
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{path}: '{where}': {err['msg']}; fix the ensemble config") from None
+        raise UserError(f"{path}: '{where}': {err['msg'].removeprefix('Value error, ')}; fix the ensemble config") \
+            from None
     if isinstance(cfg.weights, list) and len(cfg.weights) != len(cfg.members):
         raise UserError(f"{path}: {len(cfg.weights)} weights for {len(cfg.members)} members")
     return cfg
@@ -157,6 +168,8 @@ def run_ensemble(name: str, data_arg: Optional[str], outputs: Path, submissions:
 
     started = time.time()
     cfg = load_ensemble_config(name)
+    experiment = ExperimentDir(outputs / name)
+    check_free_for(experiment.path, "ensemble")
     data = load_competition_data(resolve_data_root(data_arg), log=log)
     oof, test_probs, fitted = build_ensemble(cfg, outputs)
     if oof["artist"].tolist() != data.train.set_index("id")["artist"].reindex(oof["id"]).tolist():

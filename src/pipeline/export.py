@@ -1,7 +1,8 @@
 """`bash run.sh export NAME`: an experiment or an ensemble as one folder (and .zip) that predicts offline with the
 pinned packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
 fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code and a
-predict.py."""
+predict.py. The bundle is built in a temporary folder beside it and replaces an earlier bundle only (never an
+experiment's folder or anything else: --out is checked); passwords in URLs are hidden in every config it carries."""
 from __future__ import annotations
 
 import argparse
@@ -17,16 +18,17 @@ import numpy as np
 import torch
 
 from ..core.config import run_info
-from ..core.files import atomic_path, save_torch, write_json, write_text
-from ..core.layout import ExperimentDir, read_saved
+from ..core.errors import UserError
+from ..core.files import atomic_path, save_torch, temporary_folder, write_json, write_text
+from ..core.layout import BUNDLE_CODE, BUNDLE_MODELS, ExperimentDir, is_export_bundle, read_saved
 from ..core.paths import REPO
+from ..core.redact import redact
+from ..core.removal import remove_output, remove_stale_temporaries
 from ..core.runtime import select_device
 from ..data.competition import TestSet, load_test_set
 from ..model.checkpoints import cast_floating, read_checkpoint
 from .predict import FoldModels, fold_probs, load_saved_model
 
-CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt")  # what a bundle carries besides the models
-MODELS_DIR = "models"
 FP16_TOLERANCE = 1e-3  # largest change of any probability that half-precision weights may cause
 FP16_CHECK_IMAGES = 64
 
@@ -76,13 +78,31 @@ if __name__ == "__main__":
 '''
 
 
+def _copy(source: str, target: str) -> None:
+    """A file into the bundle; a YAML config with the passwords of its URLs hidden."""
+    if source.endswith(".yaml"):
+        write_text(redact(Path(source).read_text(encoding="utf-8")), target)
+    else:
+        shutil.copy2(source, target)
+
+
 def _copy_code(bundle: Path) -> None:
-    for item in CODE:
+    for item in BUNDLE_CODE:
         source = REPO / item
         if source.is_dir():
-            shutil.copytree(source, bundle / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(source, bundle / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                            copy_function=_copy)
         elif source.is_file():
-            shutil.copy2(source, bundle / item)
+            _copy(str(source), str(bundle / item))
+
+
+def check_target(bundle: Path) -> None:
+    """The folder an export replaces must be an earlier export bundle (or not exist): never an experiment's folder,
+    an outputs folder or anything else that --out happens to name."""
+    if bundle.exists() and not is_export_bundle(bundle):
+        raise UserError(f"export: {bundle} exists and is not an export bundle (an experiment's folder, or files "
+                        "export did not write), so it is not replaced; choose another --out (default: "
+                        "OUTPUTS/export)")
 
 
 def _zip(folder: Path, path: Path) -> None:
@@ -100,12 +120,13 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
     """OUT/NAME/ (models/, code, predict.py, manifest.json) and OUT/NAME.zip. With precision 'auto' the weights are
     stored in float16 where that changes no probability by more than FP16_TOLERANCE on the test images of `data`
     (the experiment's own data root when not given), in float32 otherwise."""
+    bundle = out_dir / name
+    check_target(bundle)
     model = load_saved_model(outputs, name)
     data = data or Path(read_saved(outputs / model.members[0].name).run["data_root"])
     test = load_test_set(data, log=log) if precision == "auto" else None
-    bundle = out_dir / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    remove_stale_temporaries(out_dir, log=log)  # what killed exports left
+    staging = temporary_folder(out_dir, name)
     manifest = {"name": name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": run_info()["git_commit"],
                 "method": model.method, "weights": model.weights, "members": {}}
     try:
@@ -114,11 +135,12 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
             if precision == "fp16":
                 dtype = torch.float16
             elif precision == "auto":
-                change = half_precision_change(member, test, staging / "cache")
+                with tempfile.TemporaryDirectory(prefix="artist-export-cache-") as cache:
+                    change = half_precision_change(member, test, Path(cache))
                 dtype = torch.float16 if change <= FP16_TOLERANCE else torch.float32
-            target = ExperimentDir(staging / MODELS_DIR / member.name)
+            target = ExperimentDir(staging / BUNDLE_MODELS / member.name)
             target.path.mkdir(parents=True)
-            shutil.copy2(member.config_path, target.config)
+            _copy(str(member.config_path), str(target.config))
             for fold, checkpoint in enumerate(member.checkpoints):
                 save_torch(_weights_only(checkpoint, dtype), target.fold(fold).best)
             stored = "float16" if dtype == torch.float16 else "float32"
@@ -128,17 +150,16 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
             manifest["members"][member.name] = {"weights": stored, "max_probability_change_fp16": change,
                                                 "folds": len(member.checkpoints), "tta": member.tta}
         if model.config_path is not None:  # an ensemble: its members, weights and method
-            (staging / MODELS_DIR / name).mkdir()
-            shutil.copy2(model.config_path, ExperimentDir(staging / MODELS_DIR / name).config)
-        shutil.rmtree(staging / "cache", ignore_errors=True)
+            (staging / BUNDLE_MODELS / name).mkdir()
+            _copy(str(model.config_path), str(ExperimentDir(staging / BUNDLE_MODELS / name).config))
         _copy_code(staging)
         write_text(ENTRY.format(name=name), staging / "predict.py")
         write_json(manifest, staging / "manifest.json")
-        if bundle.exists():
-            shutil.rmtree(bundle)
+        check_target(bundle)  # once more: something may have appeared there meanwhile
+        remove_output(out_dir, bundle)
         staging.rename(bundle)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_output(out_dir, staging)
     _zip(bundle, out_dir / f"{name}.zip")
     size = (out_dir / f"{name}.zip").stat().st_size / 2**20
     log(f"export {name}: wrote {bundle}/ and {out_dir / f'{name}.zip'} ({size:.1f} MiB); offline: "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -156,21 +155,24 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     import torch
 
     from ..core.config import result_fingerprint
-    from ..core.layout import ExperimentDir
+    from ..core.layout import ExperimentDir, check_free_for
     from ..core.runtime import available_cores, worker_count
     from ..data.folds import shared_folds
-    from .locks import ensure_unlocked
+    from .locks import held_elsewhere
     from .resolve import log, resolve_run
-    from .run import fold_status, run_experiment
+    from .run import check_folds, discard_for_restart, fold_status, folds_to_train, holding_folds, run_experiment
 
     nodes = nodes_from_args(args)
     run = resolve_run(name, args.profile, args.overrides, args.data)
     cfg, data = run.cfg, run.data
-    outputs, experiment = Path(args.outputs), ExperimentDir(Path(args.outputs) / name)
-    if args.restart and experiment.path.exists() and not nodes.rank:
-        ensure_unlocked(experiment.path)
-        shutil.rmtree(experiment.path)
-        log(f"--restart: removed {experiment.path}")
+    outputs, experiment = Path(args.outputs), ExperimentDir(Path(args.outputs) / cfg.name)  # name=X: OUTPUTS/X
+    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    folds = folds_to_train(cfg)
+    check_free_for(experiment.path, "experiment")
+    if args.restart and not nodes.rank:  # before any child starts; the children's runs do not restart
+        with holding_folds(experiment, folds, cfg.name):
+            check_folds(experiment, cfg, fingerprint, retrained=folds)
+            discard_for_restart(experiment, folds, Path(args.submissions), cfg.name, log)
     shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     slots = gpu_slots(args.gpus, args.ddp, torch.cuda.device_count()) if args.gpus else []
     # The children's torch threads: this machine's cores shared by its training processes (unless set already).
@@ -182,20 +184,24 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     launcher = python_launcher(args.ddp, nodes, run_id=f"artist-{name}")
     if not args.gpus:
         where = f" on each of {nodes.count} machines (rendezvous {nodes.endpoint})" if nodes.count > 1 else ""
-        log(f"{name}: training with {args.ddp} processes{where} (DDP through torchrun)")
+        log(f"{cfg.name}: training with {args.ddp} processes{where} (DDP through torchrun)")
         code = subprocess.run([*launcher, *child], cwd=REPO, env={**os.environ, **env}).returncode
         if code:
-            raise UserError(f"the {args.ddp}-process DDP run of {name} failed (exit {code}); its messages are above")
+            raise UserError(f"the {args.ddp}-process DDP run of {cfg.name} failed (exit {code}); its messages are "
+                            "above")
         return
 
     if torch.cuda.is_available() and cfg.train.num_workers is None:
         child.append(f"train.num_workers={worker_count(None, torch.device('cuda'), len(slots) * args.ddp)}")
-    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
-    folds = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.data.n_folds))
-    todo = [k for k in folds if fold_status(experiment.fold(k), fingerprint) != "done"]
-    log(f"{name}: {len(todo)} folds to train over {len(slots)} slots (GPUs {' | '.join(slots)})"
+    todo = [k for k in folds if fold_status(experiment.fold(k), fingerprint, not cfg.frozen) != "done"]
+    for k in todo:  # refused here, before a job's log replaces the log of the run that trains the fold
+        who = held_elsewhere(experiment.lock(f"fold{k}"))
+        if who:
+            raise UserError(f"training {cfg.name} fold {k} is in progress in {who} (lock {experiment.lock(f'fold{k}')}"
+                            "); wait for it to end or stop it, then rerun")
+    log(f"{cfg.name}: {len(todo)} folds to train over {len(slots)} slots (GPUs {' | '.join(slots)})"
         + ("" if torch.cuda.is_available() else "; no CUDA device, so they share the CPU"))
-    jobs = [Job(f"{name} fold {k}", [*launcher, *child, "--fold-job", f"train.folds=[{k}]"], experiment.log(k))
+    jobs = [Job(f"{cfg.name} fold {k}", [*launcher, *child, "--fold-job", f"train.folds=[{k}]"], experiment.log(k))
             for k in todo]
     failures = [result for result in run_jobs(jobs, slots, log, env=env) if result.failed]
     publish_only = cfg.model_copy(update={"train": cfg.train.model_copy(update={"folds": []})})

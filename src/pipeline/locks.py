@@ -1,5 +1,6 @@
 """Locks that keep two runs of one experiment from writing the same files at once (a second terminal, a SLURM
-requeue while the old job still runs): one per fold while it trains, one while an experiment publishes.
+requeue while the old job still runs): one per fold, held by a run from before it writes anything into the experiment
+until it ends; one while an experiment's config.yaml is written; one while it publishes.
 
 They are POSIX record locks (fcntl.lockf), which the operating system releases when their process ends, however it
 ends, so a run killed with SIGKILL leaves nothing to clean up and its rerun resumes. Unlike flock they are not
@@ -14,14 +15,15 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ..core.errors import UserError
-from ..core.layout import ExperimentDir
+from ..core.redact import redact
 
 
 def holder() -> str:
-    return f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]})"
+    """Who takes a lock: the process, the machine and its command line (passwords in URLs hidden)."""
+    return f"process {os.getpid()} on {socket.gethostname()} ({redact(' '.join(sys.argv))[:200]})"
 
 
 @contextlib.contextmanager
@@ -43,8 +45,15 @@ def locked(path: Path, what: str, wait: bool = False) -> Iterator[None]:
         yield
 
 
-def ensure_unlocked(out_dir: Path) -> None:
-    """Stop with one line if any of an experiment's locks is held (before --restart deletes its folder)."""
-    for path in ExperimentDir(out_dir).locks():
-        with locked(path, f"{out_dir.name}: {path.stem}"):
-            pass
+def held_elsewhere(path: Path) -> Optional[str]:
+    """Who holds the lock at `path` when another process does (what its file says), else None. Never for a lock this
+    process holds: closing any handle of a file drops every lock the process has on it."""
+    if not path.is_file():
+        return None
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+    return None

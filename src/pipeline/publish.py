@@ -21,9 +21,10 @@ from .submission import submission_from_probs, write_submission
 
 
 def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold_ids: list[int],
-                 cfg: ExperimentConfig) -> pd.DataFrame:
+                 cfg: ExperimentConfig, remedy: str) -> pd.DataFrame:
     """One row per validation row (a whole painting, or one of its crops): id, crop (-1 for the whole painting),
-    fold, artist (true), pred, one probability column per artist; in train.csv's order, crops in order."""
+    fold, artist (true), pred, one probability column per artist; in train.csv's order, crops in order. `remedy`:
+    what the message says to do when the folds' predictions do not cover the validation rows."""
     experiment = ExperimentDir(out_dir)
     parts = pd.concat([read_probs(experiment.fold(k).val_probs) for k in fold_ids])
     expected = validation_set(cfg, data.train)
@@ -31,7 +32,7 @@ def assemble_oof(out_dir: Path, data: CompetitionData, folds: pd.DataFrame, fold
     keys = pd.MultiIndex.from_frame(parts[["id", "crop"]])
     if keys.has_duplicates or len(keys) != len(index) or not keys.isin(index).all():
         raise UserError(f"{out_dir}: fold predictions do not cover every validation row ({expected.describe()}) "
-                        "exactly once; rerun with --restart")
+                        f"exactly once; {remedy}")
     probs = parts.set_index(["id", "crop"]).reindex(index)[data.classes].to_numpy()
     fold_of = dict(zip(folds["id"], folds["fold"]))
     artist_of = dict(zip(data.train["id"], data.train["artist"]))

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 from ..core.config import resolve_config
 from ..core.errors import UserError
+from ..core.files import missing_file_reason
+from ..core.redact import redact
 from ..core.paths import DEMO_ROOT, INPUTS
 from ..core.schema import ExperimentConfig
 from ..data.competition import DEMO_MARKER, CompetitionData, load_competition_data
@@ -20,7 +22,8 @@ Log = Callable[[str], None]
 
 
 def log(message: str) -> None:
-    print(message, flush=True)
+    """A line of a command's output, passwords in URLs hidden (a library's message may quote one)."""
+    print(redact(message), flush=True)
 
 
 def quiet(_: str) -> None:
@@ -57,8 +60,10 @@ def resolve_data_root(data_arg: Optional[str]) -> Path:
     if data_arg:
         root = Path(data_arg)
         if not (root / "train.csv").is_file():
-            raise UserError(f"--data {root}: no train.csv there; put the competition files in it "
-                            "or leave out --data to use the demo data")
+            reason = missing_file_reason(root / "train.csv")
+            found = "no train.csv there" if reason == "is not found" else f"its train.csv {reason}"
+            raise UserError(f"--data {root}: {found}; put the competition files in it or leave out --data to use "
+                            "the demo data")
         return root
     if (INPUTS / "train.csv").is_file():
         return INPUTS

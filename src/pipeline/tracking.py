@@ -29,6 +29,7 @@ import yaml
 from ..core.config import NON_RESULT_KEYS, flatten
 from ..core.errors import UserError, first_line
 from ..core.layout import ExperimentDir
+from ..core.redact import redact
 from ..core.schema import ExperimentConfig
 from .locks import locked
 
@@ -212,9 +213,10 @@ class MlflowTracker(Tracker):
             # alternative (tracking.mlflow_uri=sqlite:///outputs/mlruns.db).
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self.uri = (outputs / MLRUNS_DIR).resolve().as_uri()
-        self.remedy = (f"check the MLflow server at {self.uri} (tracking.mlflow_uri) or set tracking.mlflow=false"
+        shown = redact(self.uri)  # the client gets self.uri itself
+        self.remedy = (f"check the MLflow server at {shown} (tracking.mlflow_uri) or set tracking.mlflow=false"
                        if self.uri.startswith(("http:", "https:")) else "set tracking.mlflow=false to run without it")
-        self.where = f"MLflow at {self.uri} (experiment {cfg.tracking.mlflow_experiment}, run {cfg.name})"
+        self.where = f"MLflow at {shown} (experiment {cfg.tracking.mlflow_experiment}, run {cfg.name})"
         self.cfg, self.out_dir, self.config, self.fingerprint = cfg, out_dir, config, fingerprint
         self.client = None
         self.runs: dict[int | None, str] = {}  # fold (None: the experiment) -> run id
@@ -313,8 +315,9 @@ class Trackers(Tracker):
             except UserError:
                 raise
             except Exception as error:  # noqa: BLE001 - each library fails in its own types (HTTP, IO, protobuf)
-                raise UserError(f"tracking: {backend.name} failed ({first_line(error, 200)}); {backend.remedy}; "
-                                "finished folds and epochs are kept, rerun the same command to continue") from None
+                failure = redact(first_line(error, 200))
+                raise UserError(f"tracking: {backend.name} failed ({failure}); {backend.remedy}; finished folds and "
+                                "epochs are kept, rerun the same command to continue") from None
 
     def start(self) -> None:
         self._each(lambda backend: backend.start())

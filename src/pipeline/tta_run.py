@@ -11,7 +11,7 @@ from typing import Callable
 from ..core.config import run_info
 from ..core.errors import UserError
 from ..core.files import write_csv, write_yaml
-from ..core.layout import ExperimentDir, read_saved
+from ..core.layout import ExperimentDir, check_free_for, read_saved
 from ..core.runtime import select_device
 from ..data.competition import CompetitionData, load_competition_data
 from ..data.folds import shared_folds
@@ -32,6 +32,7 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
                         "networks); TTA needs a fine-tuned experiment")
     name = f"{source}-tta-{mode}"
     experiment, fitted = ExperimentDir(outputs / name), ExperimentDir(outputs / source)
+    check_free_for(experiment.path, "tta")
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     predictor = Predictor.for_checkpoints(cfg, len(data.classes), select_device(), tta=mode,
                                           cache=cache_for(cfg, outputs))
@@ -53,7 +54,9 @@ def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submis
                 "validation": cfg.validation.model_dump(mode="json"), "source_config": cfg.model_dump(mode="json"),
                 "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},
                experiment.config)
-    return publish(name, experiment.path, assemble_oof(experiment.path, data, folds, all_folds, cfg),
+    oof = assemble_oof(experiment.path, data, folds, all_folds, cfg, remedy=f"pass the data root {source} was "
+                       f"trained on with --data (its config.yaml names it), then rerun the tta")
+    return publish(name, experiment.path, oof,
                    mean_test_probs(experiment.path, data, all_folds), data, submissions, started, log)
 
 

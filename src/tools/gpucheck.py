@@ -20,7 +20,6 @@ tests do that at a tiny geometry).
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +186,9 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     run = resolve_with_data(cfg, None, data, say=lambda _: None)
     cfg = run.cfg
     run_outputs = work / "outputs"
-    shutil.rmtree(run_outputs, ignore_errors=True)
     reset_peak(device)
     started = time.time()
-    run_experiment(run, run_outputs, work / "submissions", extra_info={"command": "gpucheck"}, log=log)
+    run_experiment(run, run_outputs, work / "submissions", extra_info={"command": "gpucheck"}, restart=True, log=log)
     log(f"gpucheck: fold run took {time.time() - started:.0f}s")
     peaks = [peak_gib(device)]
     run_dir = ExperimentDir(run_outputs / cfg.name)

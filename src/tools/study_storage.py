@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError, first_line
+from ..core.redact import redact
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_ATTR = "heartbeat"
@@ -107,7 +108,7 @@ def open_storage(storage: str, heartbeat: int) -> Any:
     retry = Retry(RETRIES)
     if storage.startswith(JOURNAL_PREFIX):
         return journal_storage(Path(storage[len(JOURNAL_PREFIX):]).expanduser(), heartbeat, retry)
-    shown = _without_password(storage)
+    shown = redact(storage)
     try:
         return RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                           heartbeat_stale_trial_callback=retry)
@@ -118,14 +119,5 @@ def open_storage(storage: str, heartbeat: int) -> Any:
         raise UserError(f"--storage {shown}: the database driver {module} is not installed; run: pip install "
                         f"{package}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises one class per dialect and failure; each is one line
-        raise UserError(f"--storage {shown}: cannot use the database ({first_line(exc)}); check the URL, "
+        raise UserError(f"--storage {shown}: cannot use the database ({redact(first_line(exc))}); check the URL, "
                         "that the server runs and answers from this machine, and the user and password") from None
-
-
-def _without_password(url: str) -> str:
-    """The URL as it may be printed: user:PASSWORD@host becomes user:***@host."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"

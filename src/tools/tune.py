@@ -32,8 +32,11 @@ from ..core.config import parse_overrides, resolve_config
 from ..core.errors import UserError
 from ..core.files import write_csv, write_text
 from ..core.layout import ExperimentDir
+from ..core.names import check_name
 from ..core.paths import CONFIG_DIR, REPO, TUNE_DIR
-from ..core.schema import ExperimentConfig
+from ..core.redact import redact
+from ..core.removal import remove_output
+from ..core.schema import SEED_RANGE, ExperimentConfig
 from ..data.competition import CompetitionData
 from ..data.folds import shared_folds
 from ..pipeline.resolve import RunConfig
@@ -80,7 +83,7 @@ class Space(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
     params: dict[str, Param] = Field(..., min_length=1, description="dotted config key -> its range")
-    seed: int = Field(0, description="seed of the TPE sampler")
+    seed: int = Field(0, **SEED_RANGE, description="seed of the TPE sampler")
     random_trials: int = Field(10, ge=0, description="trials sampled at random before TPE models the results")
     pruner_startup_trials: int = Field(5, ge=0, description="finished trials before the median pruner prunes")
     prune_from_epoch: int = Field(1, ge=1, description="the first epoch of a fold at which a trial can be pruned; "
@@ -171,7 +174,7 @@ def drop_checkpoints(out_dir: Path, folds: list[int]) -> int:
         for path in (fold.last,) if fold.done.is_file() else (fold.last, fold.best):
             if path.is_file():
                 removed += path.stat().st_size
-                path.unlink()
+                remove_output(out_dir, path)
     return removed
 
 
@@ -247,11 +250,11 @@ def write_best_config(study, experiment: str, folds: list[int], base_overrides: 
                       command: str) -> Path:
     """The best trial's values as a config delta on top of `experiment`, validated by resolving it."""
     best = study.best_trial
-    header = (f"# Tuned with Optuna: {command}\n"
+    header = (f"# Tuned with Optuna: {redact(command)}\n"
               f"# Study {study.study_name}: trial {best.number} of {len(study.trials)} scored a mean best validation "
               f"macro F1 of {best.value:.4f} on folds {folds}.\n")
     if base_overrides:
-        header += f"# The trials also ran with: {' '.join(base_overrides)}\n"
+        header += f"# The trials also ran with: {redact(' '.join(base_overrides))}\n"
     delta = {"parent": experiment, "description": f"{experiment} tuned (study {study.study_name}, trial {best.number})",
              **parse_overrides([override(key, value) for key, value in tidy(best.params).items()])}
     write_text(header + yaml.safe_dump(delta, sort_keys=False, allow_unicode=True), path)
@@ -276,7 +279,7 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
 
     profile = base.profile
     space = load_space(space_file, experiment, profile, base_overrides)
-    study_name = study_name or f"{experiment}-{space_file.stem}"
+    study_name = check_name(study_name or f"{experiment}-{space_file.stem}", "--study")
     tune_dir = outputs / "tune"
     tune_dir.mkdir(parents=True, exist_ok=True)
     local = storage is None
@@ -293,7 +296,7 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
     # Seeded; a resumed study moves the seed on instead of repeating the first proposals, and workers of a shared
     # study each draw their own proposals.
     offset = 0 if local else zlib.crc32(worker.encode())
-    study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials) + offset,
+    study.sampler = optuna.samplers.TPESampler(seed=(space.seed + len(study.trials) + offset) % 2 ** 32,
                                                n_startup_trials=space.random_trials)
     log(f"{study_name}: {count(study, finished)} of {trials} trials finished in {_shown(storage)}; worker {worker} "
         f"tuning {', '.join(space.params)} on folds {folds}")
@@ -400,7 +403,8 @@ def count(study, states) -> int:
 
 
 def _shown(storage: str) -> str:
-    return storage.removeprefix("sqlite:///")
+    """The storage as the log shows it: a local SQLite file as its path, a password in a URL hidden."""
+    return redact(storage.removeprefix("sqlite:///"))
 
 
 def write_report(study, experiment: str, folds: list[int], base_overrides: list[str], study_dir: Path,

@@ -21,6 +21,7 @@ from ..core.errors import UserError
 from ..core.files import save_torch, write_csv
 from ..core.layout import FoldDir
 from ..core.metrics import painting_scores, scores
+from ..core.removal import remove_output
 from ..core.runtime import seed_everything
 from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData, style_images_for_fold
@@ -223,5 +224,5 @@ def write_fold_results(tester: Predictor, fold_dir: FoldDir, data: CompetitionDa
         write_csv(probs_frame(data.test["id"], test_probs, data.classes), fold_dir.test_probs)
         fold_dir.write_done(fingerprint, dict(result.__dict__))
         if not tester.cfg.train.keep_checkpoints:
-            fold_dir.last.unlink(missing_ok=True)  # resuming needs it no more: the fold is done
+            remove_output(fold_dir.path, fold_dir.last)  # resuming needs it no more: the fold is done
     barrier(tester.ctx)
