@@ -66,13 +66,17 @@ def test_a_name_that_is_not_a_plain_name_stops_before_anything_is_written(name, 
     assert not outputs.exists() and not (tmp_path / "elsewhere").exists() and not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("argv", [["show", "../x"], ["run", "/tmp/x"], ["tta", "../exp00"], ["ensemble", "../ens01"],
-                                  ["predict", "..", "--data", "."], ["export", "../../x"], ["score", "../x"],
-                                  ["score", "--detail", "a/b"], ["board", ".."],
-                                  ["tune", "exp00", "--trials", "1", "--study", "../../x"]])
-def test_every_command_that_takes_a_name_refuses_one_that_is_not_plain(argv, capsys):
-    assert run_cli(*argv) == 2
+@pytest.mark.parametrize("argv", [["show", "../x"], ["run", "/tmp/x", "OUT", "DATA"], ["tta", "../exp00", "OUT", "DATA"],
+                                  ["ensemble", "../ens01", "OUT", "DATA"], ["predict", "..", "OUT", "DATA"],
+                                  ["export", "../../x", "OUT"], ["score", "../x", "OUT"],
+                                  ["score", "--detail", "a/b", "OUT"], ["board", "..", "OUT"],
+                                  ["tune", "exp00", "--trials", "1", "--study", "../../x", "OUT", "DATA"]])
+def test_every_command_that_takes_a_name_refuses_one_that_is_not_plain(argv, tmp_path, capsys):
+    """Outputs and data under tmp_path (a data root without train.csv), so a regression writes nothing elsewhere."""
+    places = {"OUT": ["--outputs", tmp_path / "outputs"], "DATA": ["--data", tmp_path / "nodata"]}
+    assert run_cli(*[part for item in argv for part in places.get(item, [item])]) == 2
     assert "not a plain name" in one_error_line(capsys)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_parent_or_an_ensemble_member_that_is_not_a_plain_name_names_its_file(tmp_path):
