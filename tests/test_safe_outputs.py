@@ -66,8 +66,8 @@ def test_a_name_that_is_not_a_plain_name_stops_before_anything_is_written(name, 
     assert not outputs.exists() and not (tmp_path / "elsewhere").exists() and not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("argv", [["show", "../x"], ["run", "/tmp/x", "OUT", "DATA"], ["tta", "../exp00", "OUT", "DATA"],
-                                  ["ensemble", "../ens01", "OUT", "DATA"], ["predict", "..", "OUT", "DATA"],
+@pytest.mark.parametrize("argv", [["show", "../x"], ["run", "/tmp/x", "OUT", "DATA"],
+                                  ["tta", "../exp00", "OUT", "DATA"], ["ensemble", "../ens01", "OUT", "DATA"], ["predict", "..", "OUT", "DATA"],
                                   ["export", "../../x", "OUT"], ["score", "../x", "OUT"],
                                   ["score", "--detail", "a/b", "OUT"], ["board", "..", "OUT"],
                                   ["tune", "exp00", "--trials", "1", "--study", "../../x", "OUT", "DATA"]])
@@ -182,11 +182,13 @@ def hold_lock(path: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_a_run_refused_by_another_runs_lock_leaves_its_config_yaml_alone(finished_run, tmp_path, capsys):
-    """Run A trains exp00 (its config.yaml written, fold 0's lock held); run B of another input size is refused,
-    whether it asks for fold 0 or for a fold A does not hold, and config.yaml is still A's."""
+    """Run A trains exp00 (its config.yaml written, fold 1 finished, fold 0's lock held); run B of another input size
+    is refused, whether it asks for fold 0 or for a fold A does not hold (with --restart too), and config.yaml and
+    fold 1 are still A's."""
     outputs = tmp_path / "outputs"
     (outputs / "exp00").mkdir(parents=True)
     shutil.copy(finished_run["exp"] / "config.yaml", outputs / "exp00" / "config.yaml")
+    shutil.copytree(finished_run["exp"] / "fold1", outputs / "exp00" / "fold1")
     before = snapshot(outputs / "exp00")
     holder = hold_lock(outputs / "exp00" / ".locks" / "fold0.lock")
     try:
@@ -194,8 +196,10 @@ def test_a_run_refused_by_another_runs_lock_leaves_its_config_yaml_alone(finishe
                 *TINY_RUN, "input.img_size=64"]
         assert run_cli(*args) == 2
         assert "training exp00 fold 0 is in progress in run A" in one_error_line(capsys)
-        assert run_cli(*args, "train.folds=[1]") == 2
-        assert "exp00 is being run with another config by run A" in one_error_line(capsys)
+        for restart in ([], ["--restart"]):
+            assert run_cli(*args, "train.folds=[1]", *restart) == 2
+            assert f"exp00 is being trained with another config ({outputs / 'exp00' / 'config.yaml'}) by run A" in \
+                one_error_line(capsys)
     finally:
         holder.kill()
         holder.wait()
@@ -270,8 +274,7 @@ def test_a_run_trains_again_the_one_fold_whose_best_pt_is_cut_short(finished_run
     assert run_cli("run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions",
                    submissions, *TINY_RUN) == 0
     out = capsys.readouterr().out
-    assert "exp00 fold 2: best.pt is damaged (File is not a zip file), though done.json marks it finished; " \
-           "training the fold again" in out
+    assert "exp00 fold 2 was finished, but best.pt is damaged (File is not a zip file): training the fold again" in out
     assert out.count("already complete, skipped") == 4 and "exp00 fold 2 epoch 1/1" in out
     assert read_checkpoint(best)["epoch"] == 1
     assert {name: digest for name, digest in snapshot(outputs / "exp00").items() if name in others} == others
@@ -289,8 +292,7 @@ def test_an_emptied_done_json_or_a_deleted_fold_file_is_reported_not_a_traceback
                    submissions, *TINY_RUN, "train.folds=[]") == 0
     out = capsys.readouterr().out
     reason = "done.json is empty or damaged" if damage == "done.json" else "test_probs.csv is missing"
-    assert f"exp00 fold 3: {reason}, though done.json marks it finished; a run that trains it (train.folds) " \
-           "trains it again" in out
+    assert f"exp00 fold 3 was finished, but {reason}: a run that trains it (train.folds) trains it again" in out
     assert "exp00: folds [3] not trained yet" in out
 
 

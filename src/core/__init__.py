@@ -1,2 +1,3 @@
-"""Shared by every layer: errors, paths, the config schema and its resolution, atomic files, the experiment folder's
-layout, the runtime (device, seeds, precision), the process group and the metrics."""
+"""Shared by every layer: errors, paths, plain names, the config schema and its resolution, atomic files, the one
+delete, the experiment folder's layout, credentials hidden in URLs, the runtime (device, seeds, precision), the
+process group and the metrics."""

@@ -54,7 +54,8 @@ def writer_gone(name: str) -> Optional[bool]:
     return False
 
 
-def _bytes(count: float) -> str:
+def size_text(count: float) -> str:
+    """A size as a person reads it: bytes below a MiB, MiB from there."""
     return f"{count / 2 ** 20:,.1f} MiB" if count >= 2 ** 20 else f"{int(count):,} bytes"
 
 
@@ -62,10 +63,10 @@ def disk_full_error(error: OSError, path: Path, needed: Optional[int], written: 
     """The one line for a write that ran out of space (ENOSPC) or quota (EDQUOT)."""
     folder = path.parent
     try:
-        free = f"{_bytes(shutil.disk_usage(folder).free)} free"
+        free = f"{size_text(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
-    need = f"about {_bytes(needed)}" if needed else f"more than the {_bytes(written)} written when it stopped"
+    need = f"about {size_text(needed)}" if needed else f"more than the {size_text(written)} written when it stopped"
     return UserError(f"{DISK_FULL[error.errno]} writing {path}: the file needs {need}, and {folder} has {free}; "
                      "free some space (or point --outputs at another disk) and rerun the same command: finished "
                      "epochs and folds are kept")

@@ -4,7 +4,9 @@ OUTPUTS/NAME/ holds config.yaml, oof.csv, test_probs.csv, logs/ (fold jobs), tb/
 folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv and
 done.json. config.yaml comes in three shapes, all read by `read_saved`: an experiment (its resolved config), a TTA
 run (`tta` and the source's config under `source_config`) and an ensemble (`members`). Each holds its provenance
-under `run`.
+under `run`. The three kinds share one namespace, the folder's name (`check_free_for`). Also defined here: the
+columns of the tables a run writes beside the artists' and what an export bundle holds, so that src/core/removal.py
+recognises what it may delete.
 """
 from __future__ import annotations
 
@@ -191,10 +193,11 @@ def check_free_for(out_dir: Path, kind: str) -> None:
     if saved is not None and saved.kind != kind:
         raise UserError(f"{out_dir} holds {KINDS[saved.kind]} named {name}; {KINDS[kind]} of the same name would "
                         "overwrite it (experiments, TTA runs and ensembles share one namespace): name it otherwise")
-    other = {"experiment": ENSEMBLE_DIR / f"{name}.yaml", "ensemble": CONFIG_DIR / f"{name}.yaml"}.get(kind)
-    if other is not None and other.is_file():
-        raise UserError(f"{other} also names {name}; {KINDS[kind]} and {KINDS['ensemble' if kind == 'experiment' else 'experiment']} "
-                        "may not share a name (their folders under OUTPUTS would collide): rename one of them")
+    other_kind = {"experiment": "ensemble", "ensemble": "experiment"}.get(kind)
+    other = {"experiment": ENSEMBLE_DIR, "ensemble": CONFIG_DIR}.get(kind, Path()) / f"{name}.yaml"
+    if other_kind and other.is_file():
+        raise UserError(f"{other} also names {name}; {KINDS[kind]} and {KINDS[other_kind]} may not share a name "
+                        "(their folders under OUTPUTS would collide): rename one of them")
 
 
 def read_saved(out_dir: Path, required: bool = True) -> Optional[SavedRun]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import UserError
-from .files import TEMPORARY, writer_gone
+from .files import TEMPORARY, size_text, writer_gone
 from .layout import FOLD_FOLDER, ExperimentDir, is_experiment_folder, is_export_bundle
 
 SUBMISSION_HEADER = b"id,artist"
@@ -82,5 +82,5 @@ def remove_stale_temporaries(folder: Path, any_writer: bool = False, log: Callab
             else path.stat().st_size
         remove_output(folder, path)
         freed += size
-        log(f"removed {path}, left by a write that was interrupted ({size / 2 ** 20:,.1f} MiB)")
+        log(f"removed {path}, left by a write that was interrupted ({size_text(size)})")
     return freed

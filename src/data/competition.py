@@ -201,7 +201,7 @@ def _check_reserved_names(train: pd.DataFrame, path: Path) -> None:
     if len(reserved):
         raise UserError(f"{path} line {line_of(reserved[0])}: artist '{train.at[reserved[0], 'artist']}' has the "
                         f"name of a column of the tables a run writes ({', '.join(TABLE_COLUMNS)}); rename the "
-                        "artist (e.g. add a space and a letter) in every row")
+                        "artist in every row")
 
 
 def _apply_label_fixes(train: pd.DataFrame, label_fixes: dict[int, str], classes: list[str]) -> list[str]:

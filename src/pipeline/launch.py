@@ -160,7 +160,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from ..data.folds import shared_folds
     from .locks import held_elsewhere
     from .resolve import log, resolve_run
-    from .run import check_folds, discard_for_restart, fold_status, folds_to_train, holding_folds, run_experiment
+    from .run import claim_folder, fold_status, folds_to_train, holding_folds, run_experiment
 
     nodes = nodes_from_args(args)
     run = resolve_run(name, args.profile, args.overrides, args.data)
@@ -171,8 +171,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     check_free_for(experiment.path, "experiment")
     if args.restart and not nodes.rank:  # before any child starts; the children's runs do not restart
         with holding_folds(experiment, folds, cfg.name):
-            check_folds(experiment, cfg, fingerprint, retrained=folds)
-            discard_for_restart(experiment, folds, Path(args.submissions), cfg.name, log)
+            claim_folder(experiment, cfg, folds, fingerprint, True, Path(args.submissions), log)
     shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     slots = gpu_slots(args.gpus, args.ddp, torch.cuda.device_count()) if args.gpus else []
     # The children's torch threads: this machine's cores shared by its training processes (unless set already).

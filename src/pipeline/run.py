@@ -132,37 +132,47 @@ def discard_for_restart(experiment: ExperimentDir, folds: list[int], submissions
     log(f"--restart: removed {', '.join(shown) or 'nothing'} from {experiment.path}, to train folds {folds} again")
 
 
-def write_config(experiment: ExperimentDir, folds: list[int], resolved: dict, fingerprint: str, name: str) -> None:
-    """config.yaml, under the experiment's config lock. A run of another config (another result fingerprint in the
-    config.yaml there) that holds one of the experiment's other locks stops this one with one line: config.yaml
-    describes the folds, and predict, tta and export rebuild the model from it."""
-    with locked(experiment.lock("config"), f"writing {name}'s config.yaml", wait=True):
-        saved = read_saved(experiment.path, required=False)
-        if saved is not None and saved.run.get("result_fingerprint") not in (None, fingerprint):
-            ours = {experiment.lock(f"fold{k}") for k in folds} | {experiment.lock("config")}
-            for lock in experiment.locks():
-                who = None if lock in ours else held_elsewhere(lock)
-                if who:
-                    raise UserError(f"{name} is being run with another config by {who} (lock {lock}; "
-                                    f"{experiment.config} is its config); wait for it to end or stop it, or name this "
-                                    "run otherwise (name=...)")
-        write_yaml(resolved, experiment.config)
+def refuse_another_config(experiment: ExperimentDir, folds: list[int], fingerprint: str, name: str) -> None:
+    """Stop with one line when a run of another config (another result fingerprint in the config.yaml there) holds
+    one of the experiment's locks other than those of `folds`: config.yaml describes the folds, and predict, tta and
+    export rebuild the model from it."""
+    saved = read_saved(experiment.path, required=False)
+    if saved is None or saved.run.get("result_fingerprint") in (None, fingerprint):
+        return
+    ours = {experiment.lock(f"fold{k}") for k in folds} | {experiment.lock("config")}
+    for lock in experiment.locks():
+        who = None if lock in ours else held_elsewhere(lock)
+        if who:
+            raise UserError(f"{name} is being trained with another config ({experiment.config}) by {who} (lock "
+                            f"{lock}); wait for it to end or stop it, or name this run otherwise (name=...)")
+
+
+def claim_folder(experiment: ExperimentDir, cfg: ExperimentConfig, folds: list[int], fingerprint: str,
+                 restart: bool, submissions: Path, log: Callable[[str], None],
+                 resolved: Optional[dict[str, Any]] = None) -> None:
+    """With the locks of `folds` held by the caller, under the experiment's config lock: the checks that refuse the
+    run (a run of another config in progress, a fold of another config), then --restart's removal and config.yaml
+    (`resolved`, when given), so nothing is removed or written by a run that is refused."""
+    with locked(experiment.lock("config"), f"writing {cfg.name}'s config.yaml", wait=True):
+        refuse_another_config(experiment, folds, fingerprint, cfg.name)
+        check_folds(experiment, cfg, fingerprint, retrained=folds if restart else [])
+        if restart:
+            discard_for_restart(experiment, folds, submissions, cfg.name, log)
+        if resolved is not None:
+            write_yaml(resolved, experiment.config)
 
 
 def prepare_folder(run: RunConfig, outputs: Path, experiment: ExperimentDir, folds: list[int], fingerprint: str,
                    restart: bool, submissions: Path, record: dict[str, Any], log: Callable[[str], None]) -> Tracker:
     """What a run does to its folder before training, on rank 0 while it holds the locks of the folds it trains:
-    the checks that refuse it, --restart, the removal of what killed writes left, config.yaml (passwords in URLs
-    hidden), the shared folds and the trackers."""
+    the checks, --restart and config.yaml (passwords in URLs hidden; claim_folder), the removal of what killed writes
+    left, the shared folds and the trackers."""
     cfg = run.cfg
-    check_folds(experiment, cfg, fingerprint, retrained=folds if restart else [])
-    if restart:
-        discard_for_restart(experiment, folds, submissions, cfg.name, log)
+    resolved = redact_all({**cfg.model_dump(mode="json"), "run": record})
+    claim_folder(experiment, cfg, folds, fingerprint, restart, submissions, log, resolved)
     for fold in folds:  # every writer into a fold's folder holds its lock, so what is there now is left over
         remove_stale_temporaries(experiment.fold(fold).path, any_writer=True, log=log)
     remove_stale_temporaries(experiment.path, log=log)
-    resolved = redact_all({**cfg.model_dump(mode="json"), "run": record})
-    write_config(experiment, folds, resolved, fingerprint, cfg.name)
     shared_folds(run.data, cfg.data.n_folds, cfg.data.fold_seed, outputs / "folds")
     tracker = open_trackers(cfg, experiment.path, outputs, resolved, fingerprint)
     if tracker.where:
@@ -236,8 +246,7 @@ def train_folds(run: RunConfig, outputs: Path, experiment: ExperimentDir, folds_
             log(f"{cfg.name} fold {fold}: already complete, skipped")
             continue
         if status == "damaged" and ctx.is_main:
-            log(f"{cfg.name} fold {fold}: {fold_dir.damage(not cfg.frozen)}, though done.json marks it finished; "
-                "training the fold again")
+            log(f"{cfg.name} fold {fold} was finished, but {fold_dir.damage(not cfg.frozen)}: training the fold again")
             remove_output(experiment.path, fold_dir.path)
         barrier(ctx)
         if frozen:
@@ -258,8 +267,8 @@ def publish_when_done(run: RunConfig, outputs: Path, experiment: ExperimentDir, 
     status = {k: fold_status(experiment.fold(k), fingerprint, not cfg.frozen) for k in all_folds}
     pending = [k for k in all_folds if status[k] != "done"]
     for k in (k for k in pending if status[k] == "damaged"):
-        log(f"{cfg.name} fold {k}: {experiment.fold(k).damage(not cfg.frozen)}, though done.json marks it finished; "
-            "a run that trains it (train.folds) trains it again")
+        log(f"{cfg.name} fold {k} was finished, but {experiment.fold(k).damage(not cfg.frozen)}: a run that trains it "
+            "(train.folds) trains it again")
     if pending:
         log(f"{cfg.name}: folds {pending} not trained yet; oof.csv and the submission are written once all "
             f"{cfg.data.n_folds} folds are done")
