@@ -241,7 +241,7 @@ def train_folds(run: RunConfig, outputs: Path, experiment: ExperimentDir, folds_
     for fold in folds_todo:
         fold_dir = experiment.fold(fold)
         # rank 0's reading for every rank: it removes a damaged fold before the others could look
-        status = all_gather(ctx, fold_status(fold_dir, fingerprint, not cfg.frozen) if ctx.is_main else None)[0]
+        status = all_gather(ctx, on_main(ctx, lambda: fold_status(fold_dir, fingerprint, not cfg.frozen)))[0]
         if status == "done":
             log(f"{cfg.name} fold {fold}: already complete, skipped")
             continue
