@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from src.core.config import resolve_config
 from src.core.errors import UserError
