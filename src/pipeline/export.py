@@ -1,7 +1,7 @@
 """`bash run.sh export NAME`: an experiment or an ensemble as one folder (and .zip) that predicts offline with the
-pinned packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
-fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code and a
-predict.py."""
+core packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
+fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code, a
+predict.py, and wheels of the pure-Python core packages Kaggle's stock image lacks."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,9 +25,14 @@ from ..core.runtime import select_device
 from ..data.competition import TestSet, load_test_set
 from ..model.checkpoints import cast_floating, read_checkpoint
 from .predict import FoldModels, fold_probs, load_saved_model
+from .wheels import wheel_of_installed
 
-CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt")  # what a bundle carries besides the models
+CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt", "requirements")  # besides the models
 MODELS_DIR = "models"
+WHEELS_DIR = "wheels"
+# Core packages Kaggle's stock image lacks (it has Colab's packages plus onnx and optuna), carried as wheels so that
+# TTA works there too; without them the bundle predicts without TTA.
+KAGGLE_LACKS = ("ttach",)
 FP16_TOLERANCE = 1e-3  # largest change of any probability that half-precision weights may cause
 FP16_CHECK_IMAGES = 64
 
@@ -57,15 +63,18 @@ ENTRY = '''"""Predict with the exported models, offline:
     python predict.py --data DIR [--out submission.csv] [--tta hflip|flips|d4]
 
 DIR holds test.csv (id, img_path) and, when there is one, sample_submission.csv; or it is a folder of images.
-Needs only the packages of requirements.txt.
+Needs the core packages of requirements.txt; those in wheels/ (ttach, for TTA) are used from there where they are
+not installed.
 """
+import glob
 import os
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for its version on import
+# A pure-Python wheel is importable as it is: after the installed packages, so an installed version comes first.
+sys.path.extend(sorted(glob.glob(os.path.join(HERE, "wheels", "*.whl"))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from src.cli import main  # noqa: E402
@@ -85,6 +94,17 @@ def _copy_code(bundle: Path) -> None:
             shutil.copy2(source, bundle / item)
 
 
+def _carry_wheels(folder: Path, log: Callable[[str], None]) -> None:
+    for name in KAGGLE_LACKS:
+        try:
+            wheel = wheel_of_installed(name, folder)
+        except metadata.PackageNotFoundError:
+            log(f"export: {name} is not installed here, so the bundle carries no wheel of it; it predicts without "
+                "TTA where it is not installed")
+            continue
+        log(f"export: carries {WHEELS_DIR}/{wheel.name} (not on Kaggle's image; used where it is not installed)")
+
+
 def _zip(folder: Path, path: Path) -> None:
     """The folder as a .zip: code and configs deflated, checkpoints stored (weights barely compress, and
     deflating them takes seconds per fold)."""
@@ -92,7 +112,8 @@ def _zip(folder: Path, path: Path) -> None:
         for file in sorted(folder.rglob("*")):
             if file.is_file():
                 archive.write(file, file.relative_to(folder),
-                              compress_type=zipfile.ZIP_STORED if file.suffix == ".pt" else zipfile.ZIP_DEFLATED)
+                              compress_type=zipfile.ZIP_STORED if file.suffix in (".pt", ".whl") else
+                              zipfile.ZIP_DEFLATED)
 
 
 def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, out_dir: Path,
@@ -132,6 +153,7 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
             shutil.copy2(model.config_path, ExperimentDir(staging / MODELS_DIR / name).config)
         shutil.rmtree(staging / "cache", ignore_errors=True)
         _copy_code(staging)
+        _carry_wheels(staging / WHEELS_DIR, log)
         write_text(ENTRY.format(name=name), staging / "predict.py")
         write_json(manifest, staging / "manifest.json")
         if bundle.exists():
