@@ -196,6 +196,10 @@ def test_the_bundle_brings_ttach_for_tta_where_it_is_not_installed(finished_run,
     assert np.abs(got.to_numpy() - plain.to_numpy()).max() > 1e-4, "TTA changed nothing"
 
     without_wheels = shutil.copytree(kaggle["bundle"], tmp_path / "bundle", ignore=shutil.ignore_patterns("wheels"))
+    done = predict_py(kaggle, "--out", "plain.csv", bundle=without_wheels)  # no ttach anywhere: no TTA, no ttach
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(probabilities(kaggle["working"] / "plain_probs.csv").loc[expected.index].to_numpy(),
+                               plain.to_numpy(), atol=1e-6)
     done = predict_py(kaggle, "--tta", "hflip", "--out", "hflip.csv", bundle=without_wheels)
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: TTA 'hflip' needs the package ttach, which is not installed; run: pip "
