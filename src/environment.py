@@ -67,16 +67,23 @@ def in_virtual_environment() -> bool:
     return sys.prefix != sys.base_prefix
 
 
-def install_plan(missing: list[tuple[req.Requirement, Optional[str]]]) -> tuple[list[str], list[str]]:
+def install_plan(needed: list[req.Requirement], missing: list[tuple[req.Requirement, Optional[str]]],
+                 own_venv: bool = False) -> tuple[list[str], list[str]]:
     """(what pip is asked for, what it must leave at its installed version). The lock's versions, unless torch is
-    installed at another version than the lock's: then the ranges, for pip to pick what fits that torch. Held:
+    installed at another version than the lock's: then the ranges, for pip to pick what fits that torch. In a .venv
+    made for the install (`own_venv`), whose packages shadow the system's without changing them, every needed
+    package that is not at the lock's version is asked for at it, so that a bare Python (CI) runs on the lock. Held:
     every package of the lock that is installed and not asked for, torch above all."""
     locked = req.lock()
     torch = req.installed_version("torch")
     follow_lock = torch is None or f"torch=={torch.split('+')[0]}" == locked.get("torch")
+    wanted = [requirement for requirement, _ in missing]
+    if follow_lock and own_venv:
+        wanted += [requirement for requirement in needed if requirement not in wanted and
+                   requirement.name not in req.PROTECTED and not _at_lock(requirement.name, locked)]
     requests = [locked.get(requirement.name, requirement.line) if follow_lock else requirement.line
-                for requirement, _ in missing]
-    asked = {requirement.name for requirement, _ in missing}
+                for requirement in wanted]
+    asked = {requirement.name for requirement in wanted}
     held = []
     for name in locked:
         try:
@@ -84,6 +91,14 @@ def install_plan(missing: list[tuple[req.Requirement, Optional[str]]]) -> tuple[
         except metadata.PackageNotFoundError:
             continue
     return requests, held
+
+
+def _at_lock(name: str, locked: dict[str, str]) -> bool:
+    try:
+        installed = metadata.version(name).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return False
+    return locked.get(name, "").split("==")[-1] == installed
 
 
 def index_reachable(python: str) -> bool:
@@ -176,7 +191,8 @@ def check(python: str, needs: tuple[str, ...]) -> None:
 def prepare(python: str, needs: tuple[str, ...], wheels: Optional[Path], command: list[str]) -> str:
     """The Python to run `command` with: `python` when it has what the command needs, else where the missing
     packages were installed."""
-    missing = req.unmet(req.needed(needs))
+    needed = req.needed(needs)
+    missing = req.unmet(needed)
     if not missing:
         return python
     say(f"{python} lacks what `{' '.join(command[:1])}` needs: {req.describe(missing)}.")
@@ -187,13 +203,14 @@ def prepare(python: str, needs: tuple[str, ...], wheels: Optional[Path], command
                        "platform (https://pytorch.org/get-started/locally/), or point PYTHON at a Python that has one")
     if wheels is not None and not wheels.is_dir():
         raise Stop(f"--wheels {wheels}: no such folder")
-    requests, held = install_plan(missing)
     if in_virtual_environment():
+        requests, held = install_plan(needed, missing)
         pip_install(python, requests, held, wheels, f"{python} (a virtual environment)", command)
         check(python, needs)
         return python
     venv = make_venv(python)
     if venv is not None:
+        requests, held = install_plan(needed, missing, own_venv=True)
         try:
             pip_install(venv, requests, held, wheels, f"{VENV} (it sees {python}'s packages)", command)
             check(venv, needs)
@@ -201,6 +218,7 @@ def prepare(python: str, needs: tuple[str, ...], wheels: Optional[Path], command
             shutil.rmtree(VENV, ignore_errors=True)
             raise
         return venv
+    requests, held = install_plan(needed, missing)
     if site.ENABLE_USER_SITE and has_pip(python):
         pip_install(python, requests, held, wheels, f"the user site {site.getusersitepackages()}", command, user=True)
         check(python, needs)

@@ -162,7 +162,10 @@ def test_each_command_needs_its_groups():
 
 
 def test_the_install_follows_the_lock_except_beside_a_torch_that_is_not_the_locks(monkeypatch):
-    versions = {"torch": "2.14.1+cu130", "numpy": "2.4.6"}
+    core = req.needed(("core",))
+    versions = {requirement.name: req.lock()[requirement.name].split("==")[1] for requirement in core}
+    versions.update({"torch": "2.14.1+cu130", "numpy": "2.0.2"})
+    del versions["timm"]
 
     def version(name):
         if name not in versions:
@@ -170,13 +173,16 @@ def test_the_install_follows_the_lock_except_beside_a_torch_that_is_not_the_lock
         return versions[name]
 
     monkeypatch.setattr(metadata, "version", version)
-    missing = req.unmet(req.needed(("core",)))
-    timm = next(requirement for requirement, _ in missing if requirement.name == "timm")
-    requests, held = environment.install_plan([(timm, None)])
-    assert requests == ["timm==1.0.29"] and set(held) == {"torch==2.14.1+cu130", "numpy==2.4.6"}
+    missing = req.unmet(core)
+    assert [(requirement.name, installed) for requirement, installed in missing] == [("timm", None)]
+    requests, held = environment.install_plan(core, missing)
+    assert requests == ["timm==1.0.29"] and {"torch==2.14.1+cu130", "numpy==2.0.2"} <= set(held)
+    requests, held = environment.install_plan(core, missing, own_venv=True)  # a .venv shadows: the lock's numpy
+    assert requests == ["timm==1.0.29", "numpy==2.4.6"] and "torch==2.14.1+cu130" in held
     versions["torch"] = "2.11.0+cu128"  # Colab's: the ranges, for pip to pick what fits it; torch stays
-    requests, held = environment.install_plan([(timm, None)])
-    assert requests == ["timm>=1.0.28,<2"] and "torch==2.11.0+cu128" in held
+    for own_venv in (False, True):
+        requests, held = environment.install_plan(core, missing, own_venv)
+        assert requests == ["timm>=1.0.28,<2"] and {"torch==2.11.0+cu128", "numpy==2.0.2"} <= set(held)
 
 
 # --- run.sh ---
