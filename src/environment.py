@@ -4,8 +4,9 @@ exists, else $PYTHON or python3) and uses the standard library alone, since noth
 
 - A Python whose packages are in the tested ranges (requirements.txt and the groups the command needs) is used as it
   is. Nothing is installed, whatever versions the lock names.
-- Otherwise only what is missing is installed. Every package already in range stays where it is, so an installed
-  torch is never replaced. The versions are the lock's, or, beside a torch that is not the lock's, the newest in
+- Otherwise only what is missing is installed, and an installed torch is never replaced. Outside .venv every package
+  already in range stays where it is; .venv, which shadows the system's packages without changing them, gets the
+  lock's version of each. The versions are the lock's, or, beside a torch that is not the lock's, the newest in
   range that fits it. The packages go into the Python in use when it is a virtual environment (.venv, or the
   user's own); else into a new .venv that sees the system's site-packages, so the platform's CUDA torch is reused;
   else, where venv cannot be made (no ensurepip, as on Colab), into the user site; else the message says what to run.
@@ -70,8 +71,8 @@ def in_virtual_environment() -> bool:
 def install_plan(needed: list[req.Requirement], missing: list[tuple[req.Requirement, Optional[str]]],
                  own_venv: bool = False) -> tuple[list[str], list[str]]:
     """(what pip is asked for, what it must leave at its installed version). The lock's versions, unless torch is
-    installed at another version than the lock's: then the ranges, for pip to pick what fits that torch. In a .venv
-    made for the install (`own_venv`), whose packages shadow the system's without changing them, every needed
+    installed at another version than the lock's: then the ranges, for pip to pick what fits that torch. In .venv
+    (`own_venv`), whose packages shadow the system's without changing them, every needed
     package that is not at the lock's version is asked for at it, so that a bare Python (CI) runs on the lock. Held:
     every package of the lock that is installed and not asked for, torch above all."""
     locked = req.lock()
@@ -204,7 +205,7 @@ def prepare(python: str, needs: tuple[str, ...], wheels: Optional[Path], command
     if wheels is not None and not wheels.is_dir():
         raise Stop(f"--wheels {wheels}: no such folder")
     if in_virtual_environment():
-        requests, held = install_plan(needed, missing)
+        requests, held = install_plan(needed, missing, own_venv=Path(sys.prefix).resolve() == VENV.resolve())
         pip_install(python, requests, held, wheels, f"{python} (a virtual environment)", command)
         check(python, needs)
         return python
