@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE=1  # albumentations asks PyPI for its latest ver
 case "${1:-help}" in
   help|-h|--help) exec "${PYTHON:-python3}" -m src.cli help ;;  # standard library only: nothing to install
 esac
-wheels="${ARTIST_WHEELS:-}"
+wheels=""  # else $ARTIST_WHEELS, which src/environment.py reads
 if [ "$1" = --wheels ]; then
   wheels="${2:?--wheels needs a folder of wheels}"
   shift 2
@@ -19,7 +19,8 @@ python="${PYTHON:-python3}"
 if [ -e .venv ]; then
   python=.venv/bin/python
   if ! "$python" -c '' 2>/dev/null; then
-    echo "error: .venv/bin/python does not run (.venv made on another machine or by another Python?); remove .venv and run again" >&2
+    echo "error: .venv/bin/python does not run (made on another machine or by another Python?);" \
+      "remove .venv and run again" >&2
     exit 1
   fi
 elif ! command -v "$python" >/dev/null; then

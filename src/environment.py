@@ -72,9 +72,9 @@ def install_plan(needed: list[req.Requirement], missing: list[tuple[req.Requirem
                  own_venv: bool = False) -> tuple[list[str], list[str]]:
     """(what pip is asked for, what it must leave at its installed version). The lock's versions, unless torch is
     installed at another version than the lock's: then the ranges, for pip to pick what fits that torch. In .venv
-    (`own_venv`), whose packages shadow the system's without changing them, every needed
-    package that is not at the lock's version is asked for at it, so that a bare Python (CI) runs on the lock. Held:
-    every package of the lock that is installed and not asked for, torch above all."""
+    (`own_venv`), whose packages shadow the system's without changing them, every needed package that is not at the
+    lock's version is asked for at it, so that a bare Python (CI) runs on the lock. Held: every package of the lock
+    that is installed and not asked for, torch above all."""
     locked = req.lock()
     torch = req.installed_version("torch")
     follow_lock = torch is None or f"torch=={torch.split('+')[0]}" == locked.get("torch")

@@ -59,6 +59,8 @@ DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops
                   ("augment.rrc_", lambda flat: flat["augment.crop"] == "rrc"),
                   ("train.ema_warmup", _ema_on),
                   ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None))
+
+
 def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
