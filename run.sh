@@ -1,32 +1,31 @@
 #!/usr/bin/env bash
 # Every command of the repository: bash run.sh help lists them (the table lives in src/cli.py).
-# This script only finds a Python with the pinned packages (building .venv on first use) and hands over.
+# This script only finds the Python that has what the command needs (src/environment.py installs what is missing;
+# docs/install.md) and hands over. --wheels DIR first installs from a folder of wheels alone (offline machines).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-
-has_requirements() { "$1" -m src.core.envcheck requirements.txt >/dev/null 2>&1; }
-
-# Use .venv, else the Python in use if it already has the pinned packages, else build .venv once.
-pick_python() {
-  if [ -x .venv/bin/python ] && has_requirements .venv/bin/python; then echo .venv/bin/python; return; fi
-  local system_python="${PYTHON:-python3}"
-  if has_requirements "$system_python"; then echo "$system_python"; return; fi
-  local missing
-  missing="$("$system_python" -m src.core.envcheck requirements.txt --verbose 2>&1)"
-  echo "Setting up .venv: $system_python lacks the pinned packages (${missing:0:300})." >&2
-  echo "Creating .venv and installing requirements.txt into it (one time, a few minutes; log in .venv/install.log)." >&2
-  "$system_python" -m venv .venv
-  if ! .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt >.venv/install.log 2>&1; then
-    grep -v '^WARNING: Location' .venv/install.log | tail -n 20 >&2
-    echo "error: installing requirements.txt into .venv failed (full log: .venv/install.log)" >&2
-    exit 1
-  fi
-  echo "Installed the pinned requirements into .venv." >&2
-  echo .venv/bin/python
-}
+export NO_ALBUMENTATIONS_UPDATE=1  # albumentations asks PyPI for its latest version on every import otherwise
 
 case "${1:-help}" in
   help|-h|--help) exec "${PYTHON:-python3}" -m src.cli help ;;  # standard library only: nothing to install
 esac
-PY="$(pick_python)"
+wheels=""  # else $ARTIST_WHEELS, which src/environment.py reads
+if [ "$1" = --wheels ]; then
+  wheels="${2:?--wheels needs a folder of wheels}"
+  shift 2
+fi
+# The Python to start from: .venv once it exists, else $PYTHON, else python3.
+python="${PYTHON:-python3}"
+if [ -e .venv ]; then
+  python=.venv/bin/python
+  if ! "$python" -c '' 2>/dev/null; then
+    echo "error: .venv/bin/python does not run (made on another machine or by another Python?);" \
+      "remove .venv and run again" >&2
+    exit 1
+  fi
+elif ! command -v "$python" >/dev/null; then
+  echo "error: no $python here; install Python 3 or name one: PYTHON=/path/to/python bash run.sh $*" >&2
+  exit 1
+fi
+PY="$("$python" -m src.environment --python "$python" ${wheels:+--wheels "$wheels"} -- "$@")"
 exec "$PY" -m src.cli "$@"

@@ -14,6 +14,7 @@ from .core.errors import DISK_FULL, UserError, disk_full_in, one_line
 from .core.names import check_name
 from .core.paths import CONFIG_DIR, DEMO_ROOT, OUTPUTS, SUBMISSIONS
 from .core.redact import redact
+from .core.requirements import CORE, EVERY_GROUP
 
 ABOUT = """Artist classification (Dacon 236006): name the painter (50 artists) of a crop of about a quarter of a
 painting, scored by macro F1. Plain PyTorch over timm backbones, 5-fold CV with out-of-fold predictions for every
@@ -210,6 +211,7 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None] = lambda command: None
     options: tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
     overrides: bool = False  # takes key=value config overrides
+    needs: tuple[str, ...] = (CORE,)  # requirement groups run.sh installs first (requirements.txt, requirements/)
 
 
 COMMANDS: dict[str, Command] = {
@@ -241,7 +243,7 @@ COMMANDS: dict[str, Command] = {
                     "Optuna search over config keys (configs/tune/*.yaml): TPE, median pruning per epoch, one study "
                     "that workers on any machines fill together (--storage), the best delta as a new config",
                     "src.tools.tune:command_tune", tune_arguments,
-                    (data_option, profile_option, outputs_option), True),
+                    (data_option, profile_option, outputs_option), True, needs=(CORE, "tuning")),
     "board": Command("[EXP ...] [--port 6006]", "TensorBoard over the experiments' tb/ folders",
                      "src.tools.board:command_board", board_arguments, (outputs_option,)),
     "bench": Command("[--experiment exp07 --backbone NAME --img-size N --batch B]", "images/s of the input pipeline, "
@@ -261,11 +263,11 @@ COMMANDS: dict[str, Command] = {
                    (data_option, outputs_option)),
     "style": Command("[--rarest 11 --per-artist 5 | --published]", "style-transfer images of the rarest artists -> "
                      "style_transfer.csv in the data root (used by data.style_transfer)",
-                     "src.tools.style_transfer:command_style", style_arguments, (data_option,)),
+                     "src.tools.style_transfer:command_style", style_arguments, (data_option,), needs=(CORE, "style")),
     "demo-data": Command("[--root DIR --seed N --scale S]", "make the built-in procedural demo dataset",
                          "src.demo.dataset:command_demo_data", demo_arguments),
     "test": Command("[pytest arguments]", "run the test suite (pytest -q tests ...; -m 'not slow' for the quick "
-                    "loop)", "src.cli:run_tests"),
+                    "loop)", "src.cli:run_tests", needs=(EVERY_GROUP,)),
 }
 
 

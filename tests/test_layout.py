@@ -15,8 +15,9 @@ MAX_LINES = 450
 
 
 def layer_of(module: str) -> str:
+    """The layer of src.LAYER.module; the modules at the top (cli.py, environment.py: the entry points) are 'cli'."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "cli"
+    return parts[1] if len(parts) > 1 and (SRC / parts[1]).is_dir() else "cli"
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

@@ -2,20 +2,27 @@
 and run with the network blocked, it predicts what the experiment itself wrote to test_probs.csv."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
+from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from src.core import requirements
 from src.pipeline import export, predict
+from src.pipeline.wheels import wheel_of_installed
 from src.pipeline.submission import validate_submission
 
 from .conftest import run_cli
@@ -95,17 +102,68 @@ def test_predict_a_plain_folder_of_images(finished_run, tmp_path, capsys):
         "its file name without the extension); rename one")
 
 
-@pytest.mark.slow
-def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experiment(finished_run, tmp_path):
-    export = tmp_path / "export"
+def core_python_without_ttach(folder: Path) -> Path:
+    """A virtual environment with the core packages alone, and not ttach (as Kaggle's image): links to this
+    environment's packages, less ttach and every optional group's."""
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(folder)],
+                   check=True, timeout=120)
+    packages = folder / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    left_out = {"ttach", *(requirement.name for group, members in requirements.groups().items()
+                           if group != requirements.CORE for requirement in members)}
+    hidden = {"__pycache__"}
+    for name in left_out:
+        files = metadata.distribution(name).files or []
+        hidden |= {Path(str(path)).parts[0] for path in files if not str(path).startswith("..")}
+    for directory in site.getsitepackages():
+        for entry in Path(directory).iterdir():
+            if entry.name not in hidden and not (packages / entry.name).exists():
+                (packages / entry.name).symlink_to(entry)
+    return folder / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def kaggle(finished_run, tmp_path_factory):
+    """exp00 exported and unzipped as a Kaggle dataset, a Python with the core packages but not ttach, the test
+    half of the data and an environment whose network is blocked (and which does not set
+    NO_ALBUMENTATIONS_UPDATE: the bundle must)."""
+    work = tmp_path_factory.mktemp("kaggle")
+    export = work / "export"
     assert run_cli("export", "exp00", "--outputs", finished_run["outputs"], "--out", export, "--precision", "fp32") == 0
-    unpacked = tmp_path / "kaggle" / "input"
+    unpacked = work / "input"
     unpacked.mkdir(parents=True)
     with zipfile.ZipFile(export / "exp00.zip") as archive:
         archive.extractall(unpacked)
+    python = core_python_without_ttach(work / "core-only")
+    absent = subprocess.run([python, "-c", "import ttach"], capture_output=True, text=True)
+    assert "No module named 'ttach'" in absent.stderr
+    blocker = work / "no-network"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_NETWORK)
+    env = {**{key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"},
+           "PYTHONPATH": str(blocker)}
+    probe = subprocess.run([python, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                           env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "network blocked by the test" in probe.stderr
+    working = work / "working"
+    working.mkdir()
+    return {"bundle": unpacked, "python": python, "env": env, "working": working,
+            "data": without_train_data(finished_run["root"], work)}
+
+
+def predict_py(kaggle, *args: str, bundle: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """The bundle's predict.py in the core-only Python, in Kaggle's working folder, without a network."""
+    entry = (bundle or kaggle["bundle"]) / "predict.py"
+    return subprocess.run([str(kaggle["python"]), str(entry), "--data", str(kaggle["data"]), *args],
+                          cwd=kaggle["working"], env=kaggle["env"], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experiment(finished_run, kaggle):
+    unpacked = kaggle["bundle"]
     names = sorted(str(p.relative_to(unpacked)) for p in unpacked.rglob("*") if p.is_file())
-    expected = {"predict.py", "manifest.json", "run.sh", "requirements.txt", "src/pipeline/predict.py",
-                "configs/exp00.yaml", "models/exp00/config.yaml", *(f"models/exp00/fold{k}/best.pt" for k in range(5))}
+    expected = {"predict.py", "manifest.json", "run.sh", "requirements.txt", "requirements/lock.txt",
+                "src/pipeline/predict.py", "configs/exp00.yaml", "models/exp00/config.yaml",
+                "wheels/ttach-0.0.3-py3-none-any.whl", *(f"models/exp00/fold{k}/best.pt" for k in range(5))}
     assert expected <= set(names)
     assert not [name for name in names if name.endswith(("last.pt", ".csv")) or "__pycache__" in name]
     manifest = json.loads((unpacked / "manifest.json").read_text())["members"]["exp00"]
@@ -114,26 +172,55 @@ def test_export_unzipped_into_an_empty_folder_predicts_offline_like_the_experime
     assert manifest["weights"] == "float32"
     assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
 
-    blocker = tmp_path / "no-network"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCK_NETWORK)
-    env = {**os.environ, "PYTHONPATH": str(blocker)}
-    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
-                           env=env, capture_output=True, text=True)
-    assert probe.returncode != 0 and "network blocked by the test" in probe.stderr
-    working = tmp_path / "kaggle" / "working"
-    working.mkdir()
-    data = without_train_data(finished_run["root"], tmp_path)
-    done = subprocess.run([sys.executable, str(unpacked / "predict.py"), "--data", str(data)], cwd=working, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = predict_py(kaggle)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "network blocked" not in done.stderr and "Error fetching" not in done.stderr, "it tried the network"
     expected = probabilities(finished_run["exp"] / "test_probs.csv")
-    got = probabilities(working / "submission_probs.csv")
+    got = probabilities(kaggle["working"] / "submission_probs.csv")
     np.testing.assert_allclose(got.loc[expected.index].to_numpy(), expected.to_numpy(), atol=1e-6)
-    submission = pd.read_csv(working / "submission.csv", dtype=str, keep_default_na=False)
-    sample = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
+    submission = pd.read_csv(kaggle["working"] / "submission.csv", dtype=str, keep_default_na=False)
+    sample = pd.read_csv(kaggle["data"] / "sample_submission.csv", dtype=str, keep_default_na=False)
     validate_submission(submission, sample, list(expected.columns))
+
+
+@pytest.mark.slow
+def test_the_bundle_brings_ttach_for_tta_where_it_is_not_installed(finished_run, kaggle, tmp_path):
+    done = predict_py(kaggle, "--tta", "hflip", "--out", "hflip.csv")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_cli("predict", "exp00", "--data", kaggle["data"], "--outputs", finished_run["outputs"], "--tta", "hflip",
+                   "--out", tmp_path / "here.csv") == 0
+    expected = probabilities(tmp_path / "here_probs.csv")
+    got = probabilities(kaggle["working"] / "hflip_probs.csv").loc[expected.index]
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=1e-6)
+    plain = probabilities(finished_run["exp"] / "test_probs.csv").loc[expected.index]
+    assert np.abs(got.to_numpy() - plain.to_numpy()).max() > 1e-4, "TTA changed nothing"
+
+    without_wheels = shutil.copytree(kaggle["bundle"], tmp_path / "bundle", ignore=shutil.ignore_patterns("wheels"))
+    done = predict_py(kaggle, "--out", "plain.csv", bundle=without_wheels)  # no ttach anywhere: no TTA, no ttach
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(probabilities(kaggle["working"] / "plain_probs.csv").loc[expected.index].to_numpy(),
+                               plain.to_numpy(), atol=1e-6)
+    done = predict_py(kaggle, "--tta", "hflip", "--out", "hflip.csv", bundle=without_wheels)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: TTA 'hflip' needs the package ttach, which is not installed; run: pip "
+                                   "install 'ttach>=0.0.3,<0.1'")
+
+
+def test_a_wheel_rebuilt_from_an_installed_package_holds_its_files_as_installed(tmp_path):
+    wheel = wheel_of_installed("ttach", tmp_path)
+    assert wheel.name == "ttach-0.0.3-py3-none-any.whl"
+    installed = {line.split(",")[0]: line.split(",")[1] for line in
+                 metadata.distribution("ttach").read_text("RECORD").splitlines() if line.count(",") == 2}
+    with zipfile.ZipFile(wheel) as archive:
+        record = archive.read("ttach-0.0.3.dist-info/RECORD").decode().splitlines()
+        for line in record[:-1]:
+            path, digest, size = line.split(",")
+            data = archive.read(path)
+            assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert int(size) == len(data) and digest == installed[path], path
+        assert sorted(archive.namelist()) == sorted(line.split(",")[0] for line in record)
+    assert {path for path in installed if path.startswith("ttach/") and "__pycache__" not in path} <= \
+        {line.split(",")[0] for line in record}
 
 
 @pytest.mark.slow

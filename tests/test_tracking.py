@@ -205,9 +205,9 @@ def test_wandb_offline_and_mlflow_hold_one_experiment_run_and_a_run_per_fold(fin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key, package, install", [("wandb", "wandb", "wandb==0.31.0"),
-                                                   ("mlflow", "mlflow", "mlflow-skinny==3.17.2"),
-                                                   ("tensorboard", "tensorboard", "tensorboard==2.21.0")])
+@pytest.mark.parametrize("key, package, install", [("wandb", "wandb", "'wandb>=0.31,<1'"),
+                                                   ("mlflow", "mlflow", "'mlflow-skinny>=3.17.2,<4'"),
+                                                   ("tensorboard", "tensorboard", "'tensorboard>=2.19,<3'")])
 def test_a_missing_tracker_package_stops_with_one_line_and_keeps_finished_folds(finished_run, tmp_path, monkeypatch,
                                                                                 capsys, key, package, install):
     outputs = finished_copy(finished_run, tmp_path)

@@ -169,5 +169,6 @@ def test_search_space_mistakes_stop_with_one_line(tmp_path, space, message):
 
 def test_tune_without_optuna_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
-    with pytest.raises(UserError, match=r"^tune needs the package optuna; run: pip install optuna==5.0.0$"):
+    with pytest.raises(UserError, match=r"^tune needs the package optuna, which is not installed; "
+                       r"run: pip install 'optuna>=5\.0,<6'$"):
         run_tune("exp00", TUNE_DIR / "cnn.yaml", 1, [0], None, None, tmp_path, [], None, "")

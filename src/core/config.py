@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, get_args
 
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from .errors import UserError, quoted
 from .names import check_name
 from .paths import CONFIG_DIR, REPO
+from .requirements import CORE, groups, installed_version
 from .schema import ExperimentConfig
 
 # Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
@@ -60,8 +60,6 @@ DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops
                   ("augment.rrc_", lambda flat: flat["augment.crop"] == "rrc"),
                   ("train.ema_warmup", _ema_on),
                   ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None))
-PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
-                     "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -219,7 +217,7 @@ def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
 
 
 def run_info() -> dict[str, Any]:
-    """Provenance saved beside the resolved config: git commit and package versions."""
+    """Provenance saved beside the resolved config: git commit and the versions of the core packages."""
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -227,11 +225,7 @@ def run_info() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             return "unknown"
 
-    versions = {}
-    for package in PACKAGES_RECORDED:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    versions = {requirement.name: installed_version(requirement.name) or "not installed"
+                for requirement in groups()[CORE]}
     return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": git("status", "--porcelain") not in ("", "unknown"),
             "packages": versions}

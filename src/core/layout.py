@@ -31,8 +31,9 @@ FOLD_FOLDER = re.compile(r"fold\d+")
 TABLE_COLUMNS = ("id", "crop", "fold", "artist", "pred")
 # What an export bundle holds at its top level (src/pipeline/export.py): the models, the code and its entry point.
 BUNDLE_MODELS = "models"
-BUNDLE_CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt")
-BUNDLE_ENTRIES = (BUNDLE_MODELS, *BUNDLE_CODE, "predict.py", "manifest.json")
+BUNDLE_CODE = ("src", "configs", "ensemble", "run.sh", "requirements.txt", "requirements")
+BUNDLE_WHEELS = "wheels"  # wheels of core packages Kaggle's image lacks
+BUNDLE_ENTRIES = (BUNDLE_MODELS, *BUNDLE_CODE, BUNDLE_WHEELS, "predict.py", "manifest.json")
 
 
 def _file(name: str) -> property:

@@ -1,24 +1,27 @@
-"""Test-time augmentation through ttach, merging probabilities (softmax before the mean, not logits)."""
+"""Test-time augmentation through ttach, merging probabilities (softmax before the mean, not logits). ttach is
+imported only when a TTA mode is used: predicting without TTA runs where it is not installed (Kaggle's image)."""
 from __future__ import annotations
 
 import torch
-import ttach
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.requirements import require
 
 TTA_MODES = ("none", "hflip", "flips", "d4")
 _ROTATING = {"d4"}
 
 
-def tta_transforms(mode: str) -> ttach.Compose:
+def tta_transforms(mode: str):
+    """ttach's transforms of `mode` (a ttach.Compose)."""
+    if mode not in TTA_MODES[1:]:
+        raise UserError(f"unknown TTA mode '{mode}'; choose one of {', '.join(TTA_MODES)}")
+    ttach = require("ttach", "ttach", f"TTA '{mode}'")
     if mode == "hflip":
         return ttach.aliases.hflip_transform()
     if mode == "flips":
         return ttach.aliases.flip_transform()
-    if mode == "d4":
-        return ttach.aliases.d4_transform()
-    raise UserError(f"unknown TTA mode '{mode}'; choose one of {', '.join(TTA_MODES)}")
+    return ttach.aliases.d4_transform()
 
 
 class _Softmax(nn.Module):
@@ -36,8 +39,10 @@ class ProbabilityTTA(nn.Module):
 
     def __init__(self, model: nn.Module, mode: str):
         super().__init__()
+        transforms = tta_transforms(mode)
+        ttach = require("ttach", "ttach", f"TTA '{mode}'")
         self.mode = mode
-        self.wrapper = ttach.ClassificationTTAWrapper(_Softmax(model), tta_transforms(mode), merge_mode="mean")
+        self.wrapper = ttach.ClassificationTTAWrapper(_Softmax(model), transforms, merge_mode="mean")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]

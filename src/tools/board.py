@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 from ..core.errors import UserError
 from ..core.layout import ExperimentDir
+from ..core.requirements import require
 
 
 def board_command(outputs: Path, experiments: list[str], port: int) -> list[str]:
@@ -28,8 +28,7 @@ def board_command(outputs: Path, experiments: list[str], port: int) -> list[str]
 def command_board(args: argparse.Namespace) -> None:
     from ..pipeline.resolve import log
 
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UserError("board needs the package tensorboard; run: pip install tensorboard==2.21.0")
+    require("tensorboard", "tensorboard", "board")
     command = board_command(Path(args.outputs), args.experiments, args.port)
     log(f"TensorBoard on http://localhost:{args.port} (Ctrl+C stops it): {' '.join(command[1:])}")
     subprocess.run(command, check=False)

@@ -22,11 +22,13 @@ from typing import Any
 
 from ..core.errors import UserError, first_line
 from ..core.redact import redact
+from ..core.requirements import pip_line
 
 JOURNAL_PREFIX = "journal:"
 HEARTBEAT_ATTR = "heartbeat"
-# The database drivers SQLAlchemy imports for each URL scheme, and what installs them.
-DRIVERS = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg": "psycopg[binary]",
+# The database drivers SQLAlchemy imports for each URL scheme, and what installs them (psycopg: its line of
+# requirements/tuning.txt).
+DRIVERS = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL", "psycopg": "psycopg",
            "mysql.connector": "mysql-connector-python"}
 RETRIES = 3  # times a trial whose worker died is run again
 
@@ -116,8 +118,8 @@ def open_storage(storage: str, heartbeat: int) -> Any:
         module = getattr(exc.__cause__ or exc.__context__, "name", None) or exc.name or "?"
         package = next((pip for name, pip in DRIVERS.items() if module == name or module.startswith(f"{name}.")),
                        module)
-        raise UserError(f"--storage {shown}: the database driver {module} is not installed; run: pip install "
-                        f"{package}") from None
+        raise UserError(f"--storage {shown}: the database driver {module} is not installed; run: "
+                        f"{pip_line(package)}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises one class per dialect and failure; each is one line
         raise UserError(f"--storage {shown}: cannot use the database ({redact(first_line(exc))}); check the URL, "
                         "that the server runs and answers from this machine, and the user and password") from None

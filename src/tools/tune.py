@@ -36,6 +36,7 @@ from ..core.names import check_name
 from ..core.paths import CONFIG_DIR, REPO, TUNE_DIR
 from ..core.redact import redact
 from ..core.removal import remove_output
+from ..core.requirements import require
 from ..core.schema import SEED_RANGE, ExperimentConfig
 from ..data.competition import CompetitionData
 from ..data.folds import shared_folds
@@ -44,7 +45,6 @@ from ..pipeline.run import run_experiment
 from ..training.fold import fold_rows
 from ..training.schedules import warmup_steps
 from .study_storage import open_storage
-PACKAGE = "optuna==5.0.0"
 AUTO_SPACE = "auto"
 Value = Union[bool, int, float, str, list]
 
@@ -271,10 +271,7 @@ def run_tune(experiment: str, space_file: Path, trials: int, folds: list[int], t
     OUTPUTS/tune). Every trial is the tuned experiment (`base`, resolved on the data) with the trial's values. The
     worker whose trial completes the study (or a single worker that ends by timeout, or finds it complete) writes
     the table, the picture and the best config. Returns the best config's path (None if none was written)."""
-    try:
-        import optuna
-    except ImportError:
-        raise UserError(f"tune needs the package optuna; run: pip install {PACKAGE}") from None
+    optuna = require("optuna", "optuna", "tune")
     from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
     profile = base.profile
