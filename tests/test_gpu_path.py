@@ -26,6 +26,7 @@ from src.core.metrics import scores
 from src.training.optim import SAM, build_optimizer
 from src.core.runtime import autocast_dtype, precision_record
 from src.training.loop import CHECK_EVERY, Training, build_training, train_one_epoch
+from src.training.objective import Objective
 
 from .conftest import TINY_RUN, resolved, run_cli
 
@@ -252,7 +253,8 @@ def tiny_training(cfg, batches, optimizer_name: str = "sgd") -> Training:
                                 model.parameters(), CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Training(cfg, CPU, model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer, scheduler,
-                    torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None)
+                    torch.amp.GradScaler("cpu", enabled=False),
+                    Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3))
 
 
 @pytest.mark.slow

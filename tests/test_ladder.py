@@ -106,7 +106,8 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert crop[expected["crop"]] in names
     assert ("CoarseDropout" in names) == expected["strong"] and ("RandomGamma" in names) == expected["extra_colour"]
     assert ("HorizontalFlip" in names) == (expected["strong"] or expected["hflip"])
-    assert isinstance(run.criterion, expected["loss"]) and run.criterion.label_smoothing == expected["smoothing"]
+    criterion = run.objective.criterion
+    assert isinstance(criterion, expected["loss"]) and criterion.label_smoothing == expected["smoothing"]
     assert (run.ema is not None) == expected["ema"]
     order = run.loader.sampler.order
     if expected["sampler"] == "none":
@@ -116,7 +117,7 @@ def test_rung_builds_its_techniques(name, tiny_root):
     base = run.optimizer.base_optimizer if isinstance(run.optimizer, SAM) else run.optimizer
     assert type(base) is expected["optimizer"]
     assert (run.optimizer.rho if isinstance(run.optimizer, SAM) else None) == expected["sam"]
-    assert (run.cutmix.mix_prob if run.cutmix else None) == expected["cutmix"]
+    assert (run.objective.cutmix.mix_prob if run.objective.cutmix else None) == expected["cutmix"]
     scales = sorted({group["lr_scale"] for group in run.optimizer.param_groups if "lr_scale" in group})
     if expected["layer_decay"] is None:
         assert not scales

@@ -222,7 +222,8 @@ def _at_neutral(cfg: ExperimentConfig, key: str, value: Any) -> bool:
     return is_field and declared[-1].get(RESULT) == NEUTRAL and value == to_jsonable_python(declared[-1][NEUTRAL])
 
 
-def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str, sources: Optional[dict[str, str]] = None) -> str:
+def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str,
+                       sources: Optional[dict[str, str]] = None) -> str:
     """Hash of every setting that changes what a fold learns, plus the data and the identity of every finished run
     a technique learns from (`sources`: {'pseudo.from': that run's result fingerprint, ...}): a finished fold is
     reused only while this matches. Each field declares in the schema whether it counts: not_result fields never do,

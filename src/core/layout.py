@@ -1,10 +1,10 @@
 """An experiment's output folder, defined in one place.
 
 OUTPUTS/NAME/ holds config.yaml, oof.csv, test_probs.csv, logs/ (fold jobs), tb/ (TensorBoard), .locks/ and one
-folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv and
-done.json. config.yaml comes in three shapes, all read by `read_saved`: an experiment (its resolved config), a TTA
-run (`tta` and the source's config under `source_config`) and an ensemble (`members`). Each holds its provenance
-under `run`.
+folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv, done.json
+and, under distillation, teacher_probs-FINGERPRINT.csv. config.yaml comes in three shapes, all read by `read_saved`:
+an experiment (its resolved config), a TTA run (`tta` and the source's config under `source_config`) and an ensemble
+(`members`). Each holds its provenance under `run`.
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ class FoldDir:
     val_probs = _file("val_probs.csv")
     test_probs = _file("test_probs.csv")
     done = _file(DONE_FILE)
+
+    def teacher_probs(self, fingerprint: str) -> Path:
+        """A teacher's probabilities of the fold's training images (distillation), cached for the run of this result
+        fingerprint."""
+        return self.path / f"teacher_probs-{fingerprint}.csv"
 
     def done_record(self) -> Optional[dict[str, Any]]:
         """What done.json holds (the fingerprint and the fold's result), or None while the fold is not done."""

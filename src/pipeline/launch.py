@@ -155,7 +155,6 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     dealt with here, once, before any child starts; the children get the resolved values as overrides."""
     import torch
 
-    from ..core.config import result_fingerprint
     from ..core.layout import ExperimentDir
     from ..core.runtime import available_cores, worker_count
     from ..data.folds import shared_folds
@@ -190,7 +189,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
 
     if torch.cuda.is_available() and cfg.train.num_workers is None:
         child.append(f"train.num_workers={worker_count(None, torch.device('cuda'), len(slots) * args.ddp)}")
-    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    fingerprint = run.fingerprint(outputs)
     folds = cfg.train.folds if cfg.train.folds is not None else list(range(cfg.data.n_folds))
     todo = [k for k in folds if fold_status(experiment.fold(k), fingerprint) != "done"]
     log(f"{name}: {len(todo)} folds to train over {len(slots)} slots (GPUs {' | '.join(slots)})"

@@ -26,8 +26,8 @@ from ..data.competition import TestSet, load_test_set
 from ..data.image_cache import cache_for
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
+from ..inference.voting import combine
 from ..model.checkpoints import read_checkpoint
-from .ensemble import combine
 from .submission import submission_from_probs, write_submission
 
 
