@@ -204,7 +204,8 @@ def _check_finite(losses: list[torch.Tensor], lrs: list[float], first: int, desc
 
 def micro_batch_sizes(images: int, steps: int) -> list[int]:
     """The sizes of the micro-batches a step's `images` are split into (train.accumulate_steps; as equal as can be)."""
-    return [len(part) for part in torch.arange(images).tensor_split(min(steps, images))]
+    parts = min(steps, images)
+    return [images // parts + (part < images % parts) for part in range(parts)]
 
 
 def train_step(run: Training, images: torch.Tensor, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
