@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..core.config import result_settings
+from ..core.config import flatten, result_settings
 from ..core.errors import UserError, first_line
 from ..core.layout import ExperimentDir
 from ..core.schema import ExperimentConfig
