@@ -111,6 +111,15 @@ class SavedRun:
         saved = self.raw["source_config"] if self.kind == "tta" else self.raw
         return ExperimentConfig.model_validate({key: value for key, value in saved.items() if key != "run"})
 
+    def fine_tuned(self, needed_by: str) -> ExperimentConfig:
+        """The config of an experiment (or a TTA run's source) that has fold networks to predict with; one line
+        naming `needed_by` (a command, a config key) for a frozen-feature experiment, which has none."""
+        cfg = self.experiment
+        if cfg.frozen:
+            raise UserError(f"{self.name} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no "
+                            f"fold networks); {needed_by} needs a fine-tuned experiment")
+        return cfg
+
     @property
     def tta(self) -> str:
         return self.raw.get("tta", "none")

@@ -120,10 +120,7 @@ def explain_images(outputs: Path, name: str, data: CompetitionData, rows: pd.Dat
                    log: Callable[[str], None] = print) -> list[Explained]:
     """Every row (id, path, true artist or None, fold) explained by that fold's best.pt of experiment `name`."""
     saved = read_saved(outputs / name)
-    cfg = saved.experiment
-    if cfg.frozen:
-        raise UserError(f"{name} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier on frozen "
-                        "features); explain needs a fine-tuned experiment")
+    cfg = saved.fine_tuned("explain")
     predictor = Predictor.for_checkpoints(cfg, len(data.classes), device, cache=cache_for(cfg, outputs))
     mean, std = (np.asarray(values, np.float32) for values in (predictor.mean, predictor.std))
     explained = []

@@ -49,10 +49,7 @@ class Member:
 def _member(outputs: Path, saved: SavedRun, role: str) -> Member:
     if saved.kind == "ensemble":
         raise UserError(f"{role}: {saved.name} is an ensemble inside an ensemble; name its members' ensemble only")
-    cfg = saved.experiment
-    if cfg.frozen:
-        raise UserError(f"{role}: {saved.name} is a frozen-feature experiment (no fold networks); name a fine-tuned "
-                        "experiment or an ensemble of them")
+    cfg = saved.fine_tuned(role)
     source = saved if saved.kind == "experiment" else read_saved(outputs / saved.source)
     trained = source.run.get("result_fingerprint")
     if trained is None:
