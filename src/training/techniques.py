@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.errors import UserError
 from ..core.schema import ExperimentConfig
 from ..data.training_set import TrainingSet
 from . import distill, pseudo
@@ -35,5 +36,13 @@ def fold_training_set(training: TrainingSet, fold: FoldContext) -> TrainingSet:
 def sources(cfg: ExperimentConfig, outputs: Path) -> dict[str, str]:
     """{'pseudo.from': the teacher's identity, ...} for every technique on: what the run's result fingerprint
     adds, so a fold trained from other teacher predictions is never reused."""
-    return {f"{technique.SECTION}.from": read_teacher(outputs, technique.source(cfg), f"{technique.SECTION}.from")
-            .identity for technique in active(cfg)}
+    identities = {}
+    if cfg.frozen and active(cfg):
+        raise UserError(f"{cfg.name}: pseudo and distill train a network, frozen fits a classifier on frozen features "
+                        "instead; set frozen=null, or remove pseudo and distill")
+    for technique in active(cfg):
+        key = f"{technique.SECTION}.from"
+        if technique.source(cfg) == cfg.name:
+            raise UserError(f"{key}: {cfg.name} cannot learn from itself; name a finished experiment or ensemble")
+        identities[key] = read_teacher(outputs, technique.source(cfg), key).identity
+    return identities
