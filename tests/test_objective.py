@@ -268,3 +268,24 @@ def test_a_student_with_pseudo_labels_and_distillation_trains_and_logs_its_loss_
                                           {"pseudo.from": teacher, "distill.from": teacher})
     assert recorded != result_fingerprint(cfg, data.fingerprint(with_style=True))
     assert student.fold(2).teacher_probs(recorded).is_file()
+
+
+def test_a_teacher_must_be_finished_another_run_with_the_same_folds_and_data(tiny_root, tmp_path):
+    """One line each: a teacher not run yet, the run itself, a frozen-feature student, a teacher of other folds."""
+    from src.core.errors import UserError
+    from src.training.techniques import sources
+
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    outputs = tmp_path / "outputs"
+    fake_teacher(outputs, "t1", data, 0)
+    cfg, _ = resolve_config("exp21", "demo", ["pseudo.from=t1"])
+    assert sources(cfg, outputs) == {"pseudo.from": "teacher-t1"}
+    for overrides, message in ((["distill.from=nothere"], "distill.from: .*nothere/config.yaml not found"),
+                               (["pseudo.from=exp21"], "pseudo.from: exp21 cannot learn from itself")):
+        with pytest.raises(UserError, match=message):
+            sources(resolve_config("exp21", "demo", overrides)[0], outputs)
+    with pytest.raises(UserError, match="frozen fits a classifier"):
+        sources(resolve_config("feat01", "demo", ["pseudo.from=t1"])[0], outputs)
+    other_folds = resolve_config("exp21", "demo", ["pseudo.from=t1", "data.n_folds=4"])[0]
+    with pytest.raises(UserError, match="pseudo.from: t1 was trained with data.n_folds=5"):
+        pseudo.extend(TrainingSet(data.train, len(data.classes)), fold_context(other_folds, data, 0, outputs))
