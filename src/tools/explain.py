@@ -31,7 +31,7 @@ from ..inference.predictor import Predictor
 from ..model.checkpoints import drop_eval_caches
 
 CELL = 224  # pixels a picture of the grid is drawn at
-CAPTION = 40  # pixels of text under each picture
+CAPTION = 58  # pixels of text under each picture: the predicted and true artist, the image's id
 COLUMNS = 4
 
 
@@ -95,16 +95,16 @@ def overlay(explained: Explained) -> np.ndarray:
 
 
 def cell(explained: Explained) -> np.ndarray:
-    """One cell of the grid: the overlay at CELL x CELL, the predicted (green when right, red when wrong) and true
-    artist under it. RGB uint8."""
+    """One cell of the grid: the overlay at CELL x CELL, under it the predicted artist and its probability (green
+    when right, red when wrong), the true artist and the image's id. RGB uint8."""
     picture = cv2.resize(overlay(explained), (CELL, CELL), interpolation=cv2.INTER_CUBIC)
     caption = np.full((CAPTION, CELL, 3), 255, np.uint8)
     right = explained.true is None or explained.true == explained.predicted
     colour = (0, 110, 0) if right else (190, 0, 0)
     lines = [(f"{explained.predicted} {explained.probability:.0%}", colour),
-             (f"true: {explained.true or '?'}  [{explained.image_id}]", (60, 60, 60))]
+             (f"true: {explained.true or '?'}", (60, 60, 60)), (explained.image_id, (120, 120, 120))]
     for row, (text, rgb) in enumerate(lines):
-        cv2.putText(caption, text[:34], (4, 15 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.42, rgb, 1, cv2.LINE_AA)
+        cv2.putText(caption, text[:32], (4, 15 + 17 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.42, rgb, 1, cv2.LINE_AA)
     return np.concatenate([picture, caption])
 
 
