@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.distributed import barrier
+from ..core.errors import UserError
 from ..core.files import write_csv
 from ..core.schema import ExperimentConfig
 from ..data.geometry import validation_set
@@ -54,7 +55,7 @@ def cached_teacher_probs(teacher: Teacher, training: TrainingSet, fold: FoldCont
     barrier(fold.ctx)
     cached = read_probs(path)
     if cached["id"].tolist() != ids.tolist():
-        raise RuntimeError(f"{path} holds other rows than fold {fold.fold} trains on; delete it")
+        raise UserError(f"{path} holds other images than fold {fold.fold} trains on; delete it (it is made again)")
     return cached[fold.data.classes].to_numpy(np.float32)
 
 

@@ -33,9 +33,6 @@ class Targets:
     weight: Optional[torch.Tensor] = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def __len__(self) -> int:
-        return len(self.target)
-
     def split(self, sizes: Sequence[int]) -> list["Targets"]:
         """The targets of consecutive micro-batches of these sizes (gradient accumulation)."""
         def parts(tensor: Optional[torch.Tensor]) -> list:
