@@ -149,6 +149,17 @@ def bench_arguments(command: argparse.ArgumentParser) -> None:
                          "(the training memory estimated on the CPU and the batch that fits 16/24/40/80 GB)")
 
 
+def explain_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("experiment", help="a finished experiment (or TTA run) with a folder under OUTPUTS")
+    command.add_argument("--images", type=int, default=8, help="how many: paintings of different artists, or test "
+                         "crops with --test (default 8)")
+    command.add_argument("--ids", nargs="+", help="these train ids (paintings) or test ids (crops) instead")
+    command.add_argument("--test", action="store_true", help="test crops instead of paintings")
+    command.add_argument("--fold", type=int, default=0, help="the fold model that explains test crops (default 0; a "
+                         "painting is always explained by the fold that held it out)")
+    command.add_argument("--out", help="the PNG to write (default: OUTPUTS/EXP/explain.png, explain_test.png)")
+
+
 def gpucheck_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--experiment", default="exp07", help="the rung to check and time (default exp07, "
                          "TinyViT-21M at 384 px; exp22 is EVA-02-B at 448 px)")
@@ -244,6 +255,10 @@ COMMANDS: dict[str, Command] = {
                     "that workers on any machines fill together (--storage), the best delta as a new config",
                     "src.tools.tune:command_tune", tune_arguments,
                     (data_option, profile_option, outputs_option), True, needs=(CORE, "tuning")),
+    "explain": Command("EXP [--images N | --ids ID ...] [--test]", "what the model looks at: a PNG grid of paintings "
+                       "or test crops with the predicted and true artist and a Grad-CAM heat map",
+                       "src.tools.explain:command_explain", explain_arguments, (data_option, outputs_option),
+                       needs=(CORE, "explain")),
     "board": Command("[EXP ...] [--port 6006]", "TensorBoard over the experiments' tb/ folders",
                      "src.tools.board:command_board", board_arguments, (outputs_option,)),
     "bench": Command("[--experiment exp07 --backbone NAME --img-size N --batch B]", "images/s of the input pipeline, "

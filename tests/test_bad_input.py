@@ -25,6 +25,7 @@ from src.core.files import save_torch
 from src.model.checkpoints import load_checkpoint
 from src.model.networks import build_model
 from src.training.loop import Training, train_one_epoch
+from src.training.objective import Objective
 
 from .conftest import TINY_RUN, load_error, rewrite, run_cli
 
@@ -336,7 +337,8 @@ def test_loss_that_is_not_finite_stops_training():
     batches = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(5)]
     batches[3][0][0, 0, 0, 0] = float("nan")
     run = Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
-                   scheduler, torch.amp.GradScaler("cpu", enabled=False), torch.nn.CrossEntropyLoss(), None)
+                   scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                   Objective(torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none"), 3))
     with pytest.raises(UserError, match=r"^exp00 fold 0 epoch 1: loss became nan at epoch 1 step 3 \(lr 2.50e-02\); "
                                         "lower optimizer.lr or check the data$"):
         train_one_epoch(run, 1, desc="exp00 fold 0 epoch 1")

@@ -1,6 +1,7 @@
 """Configs: parent chains of deltas, profiles, overrides, and unknown keys as errors."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,60 @@ def test_folds_trained_before_a_change_of_behaviour_are_not_reused(monkeypatch):
 def test_unknown_key_inside_the_optional_frozen_section_is_named():
     with pytest.raises(UserError, match="unknown config key 'frozen.classifer'"):
         resolve_config("feat01", overrides=["frozen.classifer=knn"])
+
+
+FROZEN_FINGERPRINTS = Path(__file__).parent / "data" / "fingerprints.json"
+
+
+def _fingerprints(name: str) -> dict[str, str]:
+    """A config's fingerprint without a profile and in the demo profile, resolved at a fixed test geometry, on the
+    data fingerprint "data" (how tests/data/fingerprints.json was made)."""
+    from src.data.geometry import CropGeometry, resolve_for_data
+
+    geometry = CropGeometry(0.22, 0.21, 0.24, 5911, 12670)
+    prints = {}
+    for profile in (None, "demo"):
+        cfg = resolve_for_data(resolve_config(name, profile)[0], geometry)
+        prints[profile or "none"] = result_fingerprint(cfg, "data")
+    return prints
+
+
+def test_every_shipped_config_keeps_the_fingerprint_the_key_tables_gave_it():
+    """tests/data/fingerprints.json holds every config's fingerprints as computed by the code before the schema
+    declared them (NON_RESULT_KEYS and NEUTRAL_VALUES tables in config.py, commit d98b80a): the declarations on the
+    fields give every config the same fingerprint, so no finished fold is trained again."""
+    frozen = json.loads(FROZEN_FINGERPRINTS.read_text())
+    assert set(frozen) <= {path.stem for path in CONFIG_DIR.glob("*.yaml")}
+    assert {name: _fingerprints(name) for name in frozen} == frozen
+
+
+def test_a_new_key_declares_itself_and_changes_no_fingerprint_at_its_neutral_value():
+    """A key added to a section with result_neutral leaves every fingerprint alone at its default and counts at any
+    other value; one with not_result never counts; one that declares nothing counts always (a forgotten declaration
+    retrains rather than reuses)."""
+    from pydantic import Field
+
+    from src.core.schema import ExperimentConfig, TrainConfig, not_result, result_neutral
+
+    def config_with(new_field, value=None):
+        """exp21 (demo) under a schema whose train section has one more key, set to `value` (None: its default)."""
+        train = type("Train", (TrainConfig,), {"__annotations__": {"new_key": int}, "new_key": new_field})
+        config = type("Config", (ExperimentConfig,), {"__annotations__": {"train": train}})
+        data = resolve_config("exp21", "demo")[0].model_dump()
+        if value is not None:
+            data["train"]["new_key"] = value
+        return config.model_validate(data)
+
+    base = result_fingerprint(resolve_config("exp21", "demo")[0], "data")
+    assert result_fingerprint(config_with(result_neutral(3)), "data") == base
+    assert result_fingerprint(config_with(result_neutral(3), 4), "data") != base
+    assert result_fingerprint(config_with(not_result(3), 4), "data") == base
+    assert result_fingerprint(config_with(Field(3)), "data") != base
+
+
+def test_a_technique_source_enters_the_fingerprint():
+    cfg = resolve_config("exp21", "demo")[0]
+    base = result_fingerprint(cfg, "data")
+    assert result_fingerprint(cfg, "data", {}) == base
+    one, other = (result_fingerprint(cfg, "data", {"pseudo.from": teacher}) for teacher in ("a1", "b2"))
+    assert len({base, one, other}) == 3

@@ -10,7 +10,8 @@ from torch import nn
 from src.core.paths import CONFIG_DIR
 from src.data.competition import load_competition_data
 from src.core.paths import ENSEMBLE_DIR
-from src.pipeline.ensemble import fit_weights, hard_vote, load_ensemble_config, soft_vote
+from src.inference.voting import hard_vote, soft_vote
+from src.pipeline.ensemble import fit_weights, load_ensemble_config
 from src.core.errors import UserError
 from src.core.layout import read_saved
 from src.data.geometry import validation_set

@@ -16,7 +16,7 @@ from torch import nn
 
 from src.core.layout import FoldDir
 from src.training import fold as train
-from src.training import loop
+from src.training import objective
 from src.core.config import resolve_config
 from src.data.competition import load_competition_data
 from src.data.folds import shared_folds
@@ -26,6 +26,7 @@ from src.core.metrics import scores
 from src.training.optim import SAM, build_optimizer
 from src.core.runtime import autocast_dtype, precision_record
 from src.training.loop import CHECK_EVERY, Training, build_training, train_one_epoch
+from src.training.objective import Objective
 
 from .conftest import TINY_RUN, resolved, run_cli
 
@@ -189,17 +190,17 @@ def test_precision_on_the_cpu_and_named_dtypes():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cpu_autocast_trains_through_the_amp_branches(dtype, tiny_root, tmp_path, monkeypatch):
     seen = []
-    build_loss = loop.build_loss
+    build_loss = objective.build_loss
 
-    def recording_loss(cfg):
-        criterion = build_loss(cfg)
+    def recording_loss(cfg, reduction="mean"):
+        criterion = build_loss(cfg, reduction)
 
         def loss(logits, targets):
             seen.append(logits.dtype)
             return criterion(logits, targets)
         return loss
 
-    monkeypatch.setattr(loop, "build_loss", recording_loss)
+    monkeypatch.setattr(objective, "build_loss", recording_loss)
     run_dir = run_fold0(tiny_root, tmp_path, "exp00", f"train.amp_dtype={dtype}", "train.keep_checkpoints=true")
     steps = 37 // 8  # fold 0 of the tiny data trains on 37 images in batches of 8; validation sees float32 logits
     assert seen[:steps] == [getattr(torch, dtype)] * steps and set(seen[steps:]) == {torch.float32}
@@ -252,7 +253,8 @@ def tiny_training(cfg, batches, optimizer_name: str = "sgd") -> Training:
                                 model.parameters(), CPU)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Training(cfg, CPU, model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer, scheduler,
-                    torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None)
+                    torch.amp.GradScaler("cpu", enabled=False),
+                    Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3))
 
 
 @pytest.mark.slow

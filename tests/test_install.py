@@ -136,7 +136,7 @@ def test_every_group_package_has_a_lock_line_inside_its_range_and_every_lock_lin
     for requirement in grouped:
         pinned = locked[requirement.name].split("==")[1]
         assert req.in_range(pinned, requirement.spec), f"lock {locked[requirement.name]} outside {requirement.line}"
-    assert list(req.groups()) == ["core", "style", "tests", "tracking", "tuning"]
+    assert list(req.groups()) == ["core", "explain", "style", "tests", "tracking", "tuning"]
     assert "torch" in {requirement.name for requirement in req.groups()["core"]}
 
 

@@ -66,11 +66,13 @@ TECHNIQUES = {
               "drop_path": 0.0},
     "exp24": {"backbone": "vit_base_patch14_dinov2.lvd142m"},
     "exp25": {"backbone": "eva02_large_patch14_448.mim_in22k_ft_in22k_in1k", "layer_decay": 0.85},
+    "exp26": {"pseudo": "exp21"},
+    "exp27": {"backbone": "tf_efficientnet_lite0", "distill": "ens05"},
 }
 BASELINE = {"head": "linear", "crop": "none", "strong": False, "schedule": "constant", "backbone": "efficientnet_b2",
             "optimizer": torch.optim.Adam, "cutmix": None, "loss": nn.CrossEntropyLoss, "sampler": "none",
             "style": False, "sam": None, "extra_colour": False, "smoothing": 0.0, "ema": False, "hflip": False,
-            "layer_decay": None, "drop_path": None}
+            "layer_decay": None, "drop_path": None, "pseudo": None, "distill": None}
 
 
 def expected_techniques(name: str) -> dict:
@@ -106,7 +108,8 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert crop[expected["crop"]] in names
     assert ("CoarseDropout" in names) == expected["strong"] and ("RandomGamma" in names) == expected["extra_colour"]
     assert ("HorizontalFlip" in names) == (expected["strong"] or expected["hflip"])
-    assert isinstance(run.criterion, expected["loss"]) and run.criterion.label_smoothing == expected["smoothing"]
+    criterion = run.objective.criterion
+    assert isinstance(criterion, expected["loss"]) and criterion.label_smoothing == expected["smoothing"]
     assert (run.ema is not None) == expected["ema"]
     order = run.loader.sampler.order
     if expected["sampler"] == "none":
@@ -116,7 +119,7 @@ def test_rung_builds_its_techniques(name, tiny_root):
     base = run.optimizer.base_optimizer if isinstance(run.optimizer, SAM) else run.optimizer
     assert type(base) is expected["optimizer"]
     assert (run.optimizer.rho if isinstance(run.optimizer, SAM) else None) == expected["sam"]
-    assert (run.cutmix.mix_prob if run.cutmix else None) == expected["cutmix"]
+    assert (run.objective.cutmix.mix_prob if run.objective.cutmix else None) == expected["cutmix"]
     scales = sorted({group["lr_scale"] for group in run.optimizer.param_groups if "lr_scale" in group})
     if expected["layer_decay"] is None:
         assert not scales
@@ -127,6 +130,9 @@ def test_rung_builds_its_techniques(name, tiny_root):
     assert (max(drop) if drop else None) == (pytest.approx(expected["drop_path"], rel=0.1)
                                              if expected["drop_path"] else None)
     assert cfg.data.style_transfer == expected["style"]
+    assert (cfg.pseudo.source if cfg.pseudo else None) == expected["pseudo"]
+    assert (cfg.distill.source if cfg.distill else None) == expected["distill"]
+    assert [term.name for term in run.objective.terms] == (["distill"] if expected["distill"] else [])
     lr = [run.scheduler.lr_lambdas[0](step) for step in range(3 * len(run.loader) * 2)]
     floor = cfg.scheduler.min_lr / cfg.optimizer.lr
     if expected["schedule"] == "constant":

@@ -110,3 +110,13 @@ def test_the_batch_that_fits_is_computed_from_the_capacity_torch_reports_not_the
     rows = table(estimated, batch=8, gpus=(t4,))
     assert rows[0].startswith("estimated training memory (bfloat16 autocast") and "6.00 GiB at batch 8" in rows[0]
     assert rows[-1] == "| 16 GB (T4) | 14.56 GiB | 20 |"
+
+
+def test_with_gradient_accumulation_the_table_gives_the_batch_as_micro_batches():
+    """train.accumulate_steps 2: the batch that fits is two micro-batches (a multiple of 2), and the line says the
+    activations are a micro-batch's."""
+    t4 = Gpu("16 GB", "T4", 14.56)
+    estimated = MemoryEstimate(((2 * GIB, 0.5 * GIB),), (GIB, 0.0), "bfloat16")
+    rows = table(estimated, batch=8, multiple=2, gpus=(t4,), accumulate_steps=2)
+    assert "at batch 8 (2 micro-batches of 4: the activations, and BatchNorm, are a micro-batch's)" in rows[0]
+    assert rows[-1] == "| 16 GB (T4) | 14.56 GiB | 20 (2 x 10) |"

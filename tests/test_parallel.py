@@ -289,6 +289,6 @@ def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_
     loop = next(line for line in table.splitlines() if "| config switches," in line)
     assert "input pipeline:" in loop and "of the steps-only rate" in loop
     assert len(epochs) == 4 and all(run in built for run in epochs)  # warm-up and timed epoch, plain and switches
-    assert all(run.cutmix is not None and isinstance(run.loader.sampler.order, WeightedRandomSampler)
-               and isinstance(run.criterion, FocalLoss) for run in epochs)
+    assert all(run.objective.cutmix is not None and isinstance(run.loader.sampler.order, WeightedRandomSampler)
+               and isinstance(run.objective.criterion, FocalLoss) for run in epochs)
     assert "machine:" in table and not list(tmp_path.glob("bench-cache-*"))

@@ -21,7 +21,7 @@ from src.training.losses import FocalLoss, build_loss
 from src.training.optim import SAM
 from src.training.schedules import build_scheduler, warm_restart_lr
 from src.data.sampler import build_sampler
-from src.training.loop import build_cutmix
+from src.training.objective import Objective, build_cutmix, build_objective
 from src.data.transforms import SINGLE_AUGMENTATIONS, build_eval_transform, build_train_transform, reseed
 
 PEAK, FLOOR, GAMMA = 1e-3, 5e-6, 0.7
@@ -71,17 +71,16 @@ def test_scheduler_steps_per_iteration_through_the_optimizer():
 
 def test_cutmix_target_weights_equal_the_pasted_area():
     cfg, _ = resolve_config("exp06", overrides=["train.cutmix_prob=1.0", "train.batch_size=4"])
-    cutmix = build_cutmix(cfg, n_classes=4)
+    objective = build_objective(cfg, n_classes=4)
     torch.manual_seed(0)
     np.random.seed(0)
     for _ in range(20):
         images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 48).clone()
-        labels = torch.arange(4)
-        mixed, targets = cutmix(images, labels)
+        mixed, targets = objective.mix(images, objective.targets(torch.arange(4), torch.device("cpu")))
         for i in range(4):
             kept = (mixed[i] == i).float().mean().item()
-            assert targets[i, i].item() == pytest.approx(kept, abs=1e-6)
-            assert targets[i, 3 - i].item() == pytest.approx(1 - kept, abs=1e-6)
+            assert targets.target[i, i].item() == pytest.approx(kept, abs=1e-6)
+            assert targets.target[i, 3 - i].item() == pytest.approx(1 - kept, abs=1e-6)
 
 
 def test_cutmix_needs_an_even_batch():
@@ -89,7 +88,7 @@ def test_cutmix_needs_an_even_batch():
 
     cfg, _ = resolve_config("exp06", overrides=["train.batch_size=15"])
     with pytest.raises(UserError, match="even"):
-        build_cutmix(cfg, 4)
+        build_cutmix(cfg)
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_downweights_confident_examples():
@@ -270,7 +269,8 @@ def test_sam_updates_batchnorm_statistics_once_a_step_at_the_real_weights():
     assert isinstance(optimizer, SAM)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     run = Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, [], optimizer, scheduler,
-                   torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None)
+                   torch.amp.GradScaler("cpu", enabled=False),
+                   Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3))
     for _ in range(3):
         images, labels = torch.randn(8, 3, 2, 2), torch.randint(0, 3, (8,))
         reference = copy.deepcopy(model).train()

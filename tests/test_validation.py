@@ -20,6 +20,7 @@ from src.training.schedules import build_scheduler, fitted_cycle_steps, schedule
 from src.pipeline.score import paired_bootstrap
 from src.training.ema import build_ema
 from src.training.loop import Training, train_one_epoch
+from src.training.objective import Objective
 from src.data.transforms import build_train_transform
 
 from .conftest import run_cli
@@ -160,7 +161,8 @@ def tiny_training(cfg, batches) -> Training:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     average = build_ema(model, cfg.train, steps_per_epoch=len(batches))
     return Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
-                    scheduler, torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None, average,
+                    scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                    Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3), average,
                     average.module)
 
 

@@ -17,27 +17,14 @@ from typing import Any, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from .errors import UserError, quoted
 from .names import check_name
 from .paths import CONFIG_DIR, REPO
 from .requirements import CORE, groups, installed_version
-from .schema import ExperimentConfig
-
-# Keys that do not change what a fold learns: a finished fold stays valid when only these differ.
-NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_workers", "train.keep_checkpoints",
-                   "inference.batch_size",
-                   "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.grad_checkpointing",
-                   "speed.pin_memory",
-                   "speed.persistent_workers", "speed.cache_dir", "tracking.tensorboard", "tracking.wandb",
-                   "tracking.wandb_project", "tracking.wandb_mode", "tracking.mlflow", "tracking.mlflow_uri",
-                   "tracking.mlflow_experiment")
-# Keys added after results existed, with the value at which they change nothing: at that value they stay out of
-# the fingerprint, so folds finished before the key existed remain valid.
-NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
-                  "validation.mode": "whole", "augment.hflip": False, "train.ema_decay": None,
-                  "scheduler.fit_cycles": False, "model.drop_path_rate": None, "optimizer.layer_decay": None,
-                  "train.ema_epochs": None, "scheduler.warmup_epochs": None}
+from .schema import NEUTRAL, NEVER, RESULT, ExperimentConfig
 
 
 def _ema_on(flat: dict) -> bool:
@@ -72,16 +59,27 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def fields_by_key(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A section's fields by the key a config file writes (the alias where there is one, e.g. pseudo.from)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def section_model(field: FieldInfo) -> Optional[type[BaseModel]]:
+    """The section a field holds (Optional[Model] too), or None for a plain value."""
+    return next((t for t in (field.annotation, *get_args(field.annotation))
+                 if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
 def _check_keys(data: dict, model: type[BaseModel], source: str, prefix: str = "") -> None:
     """Reject keys the schema does not define, naming the file and the full dotted key."""
+    fields = fields_by_key(model)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        field = model.model_fields.get(key)
+        field = fields.get(key)
         if field is None:
-            known = ", ".join(model.model_fields)
-            raise UserError(f"{source}: unknown config key '{dotted}' (known here: {known}); fix or remove it")
-        section = next((t for t in (field.annotation, *get_args(field.annotation))  # Optional[Model] too
-                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+            raise UserError(f"{source}: unknown config key '{dotted}' (known here: {', '.join(fields)}); fix or "
+                            "remove it")
+        section = section_model(field)
         if section is not None and isinstance(value, dict):
             _check_keys(value, section, source, prefix=f"{dotted}.")
 
@@ -202,17 +200,44 @@ def resolve_config(name: str, profile: Optional[str] = None, overrides: Optional
     return _validate(data, f"configs/{name}.yaml (resolved)"), profile_changes
 
 
-def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str) -> str:
-    """Hash of every setting that changes what a fold learns, plus the data: a finished fold is reused
-    only while this matches."""
-    everything = flatten(cfg.model_dump(mode="json"))
+def _declarations(model: type[BaseModel], key: str) -> tuple[list[dict], bool]:
+    """The result declarations (schema.not_result, schema.result_neutral) of the fields a flat key passes through,
+    outermost first, and whether the key is a field itself (not inside a plain dict value such as data.label_fixes)."""
+    found, section = [], model
+    for part in key.split("."):
+        field = fields_by_key(section).get(part) if section is not None else None
+        if field is None:
+            return found, False
+        found.append(field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {})
+        section = section_model(field)
+    return found, True
+
+
+def result_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The flat settings that can change what a fold learns: every key but those declared not_result (or inside a
+    section declared so). Trackers log these as the run's hyperparameters."""
+    return {key: value for key, value in flatten(cfg.model_dump(mode="json")).items()
+            if not any(declared.get(RESULT) == NEVER for declared in _declarations(type(cfg), key)[0])}
+
+
+def _at_neutral(cfg: ExperimentConfig, key: str, value: Any) -> bool:
+    declared, is_field = _declarations(type(cfg), key)
+    return is_field and declared[-1].get(RESULT) == NEUTRAL and value == to_jsonable_python(declared[-1][NEUTRAL])
+
+
+def result_fingerprint(cfg: ExperimentConfig, data_fingerprint: str,
+                       sources: Optional[dict[str, str]] = None) -> str:
+    """Hash of every setting that changes what a fold learns, plus the data and the identity of every finished run
+    a technique learns from (`sources`: {'pseudo.from': that run's result fingerprint, ...}): a finished fold is
+    reused only while this matches. Each field declares in the schema whether it counts: not_result fields never do,
+    result_neutral ones not at their neutral value, so a new key at its default leaves every fingerprint alone."""
+    everything = result_settings(cfg)
     unused = {key for key in everything for prefix, applies in DEPENDENT_KEYS
               if key.startswith(prefix) and not applies(everything)}
-    flat = {k: v for k, v in everything.items() if k not in NON_RESULT_KEYS and k not in unused
-            and not (k in NEUTRAL_VALUES and v == NEUTRAL_VALUES[k])}
+    flat = {k: v for k, v in everything.items() if k not in unused and not _at_neutral(cfg, k, v)}
     changes = sorted(name for name, applies in BEHAVIOUR_CHANGES.items() if applies(everything))
-    payload = json.dumps({"config": flat, "data": data_fingerprint, **({"changes": changes} if changes else {})},
-                         sort_keys=True)
+    payload = json.dumps({"config": flat, "data": data_fingerprint, **({"changes": changes} if changes else {}),
+                          **({"sources": sources} if sources else {})}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -1,12 +1,12 @@
 """An experiment's output folder, defined in one place.
 
 OUTPUTS/NAME/ holds config.yaml, oof.csv, test_probs.csv, logs/ (fold jobs), tb/ (TensorBoard), .locks/ and one
-folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv and
-done.json. config.yaml comes in three shapes, all read by `read_saved`: an experiment (its resolved config), a TTA
-run (`tta` and the source's config under `source_config`) and an ensemble (`members`). Each holds its provenance
-under `run`. The three kinds share one namespace, the folder's name (`check_free_for`). Also defined here: the
-columns of the tables a run writes beside the artists' and what an export bundle holds, so that src/core/removal.py
-recognises what it may delete.
+folder per fold with best.pt, last.pt (while the fold trains), history.csv, val_probs.csv, test_probs.csv, done.json
+and, under distillation, teacher_probs-FINGERPRINT.csv. config.yaml comes in three shapes, all read by `read_saved`:
+an experiment (its resolved config), a TTA run (`tta` and the source's config under `source_config`) and an ensemble
+(`members`). Each holds its provenance under `run`. The three kinds share one namespace, the folder's name
+(`check_free_for`). Also defined here: the columns of the tables a run writes beside the artists' and what an export
+bundle holds, so that src/core/removal.py recognises what it may delete.
 """
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ class FoldDir:
     val_probs = _file("val_probs.csv")
     test_probs = _file("test_probs.csv")
     done = _file(DONE_FILE)
+
+    def teacher_probs(self, fingerprint: str) -> Path:
+        """A teacher's probabilities of the fold's training images (distillation), cached for the run of this result
+        fingerprint."""
+        return self.path / f"teacher_probs-{fingerprint}.csv"
 
     def done_record(self) -> Optional[dict[str, Any]]:
         """What done.json holds (the fingerprint and the fold's result); None while the fold is not done, and when
@@ -143,6 +148,15 @@ class SavedRun:
             raise UserError(f"{self.name} is an ensemble; an experiment or a TTA run of one is needed here")
         saved = self.raw["source_config"] if self.kind == "tta" else self.raw
         return ExperimentConfig.model_validate({key: value for key, value in saved.items() if key != "run"})
+
+    def fine_tuned(self, needed_by: str) -> ExperimentConfig:
+        """The config of an experiment (or a TTA run's source) that has fold networks to predict with; one line
+        naming `needed_by` (a command, a config key) for a frozen-feature experiment, which has none."""
+        cfg = self.experiment
+        if cfg.frozen:
+            raise UserError(f"{self.name} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no "
+                            f"fold networks); {needed_by} needs a fine-tuned experiment")
+        return cfg
 
     @property
     def tta(self) -> str:

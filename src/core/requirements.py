@@ -1,5 +1,5 @@
 """What each part of the repository needs, read from the requirement files: requirements.txt is the core (what trains,
-predicts and exports), requirements/GROUP.txt an optional group (tracking, tuning, style, tests), each line a range
+predicts and exports), requirements/GROUP.txt an optional group (tracking, tuning, style, explain, tests), each line a range
 the code is tested with; requirements/lock.txt pins the exact version of every one of them (CI, a fresh .venv).
 
 Standard library only (and the `packaging` that pip carries), so run.sh can ask before anything is installed."""

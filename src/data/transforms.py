@@ -106,6 +106,16 @@ def build_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Comp
     return transform
 
 
+def build_crop_train_transform(cfg: ExperimentConfig, mean, std, seed: int) -> A.Compose:
+    """Test crops trained on (pseudo-labels) as the crops they are: resized whole to the input as a test crop is,
+    then only the horizontal flip when the config flips (augment.hflip or the strong set); no crop of the crop."""
+    flips = cfg.augment.hflip or cfg.augment.strong
+    steps = [_resize(cfg.input.img_size)] + ([A.HorizontalFlip(p=0.5, strict=True)] if flips else [])
+    transform = A.Compose(steps + _to_tensor(mean, std), strict=True)
+    reseed(transform, seed)
+    return transform
+
+
 def build_eval_transform(cfg: ExperimentConfig, mean, std, test: bool = False) -> A.Compose:
     """Test images (already quarter crops) are resized whole, and so are validation crops (test=True). Whole
     validation paintings are resized whole too, except under crop=mimic, where they get the centre crop of the

@@ -21,10 +21,9 @@ from ..core.layout import ExperimentDir, check_free_for
 from ..core.names import check_name, name_problem
 from ..core.paths import ENSEMBLE_DIR
 from ..core.schema import SEED_RANGE
+from ..inference.voting import combine
 from .score import describe_validation, fast_macro_f1, read_oof, read_run_config, validation_of
-# Hard voting stores vote shares; the summed probability enters at this scale, below one vote, so the argmax
-# of the stored scores is the majority with ties broken by the summed probability.
-TIE_BREAK_SCALE = 1e-3
+
 WEIGHT_CANDIDATES = 400
 
 
@@ -62,25 +61,6 @@ def load_ensemble_config(name: str, config_dir: Path | None = None) -> EnsembleC
     if isinstance(cfg.weights, list) and len(cfg.weights) != len(cfg.members):
         raise UserError(f"{path}: {len(cfg.weights)} weights for {len(cfg.members)} members")
     return cfg
-
-
-def soft_vote(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """probs: (members, images, classes). Weighted mean of the probabilities."""
-    weights = np.asarray(weights, dtype=float)
-    return np.tensordot(weights / weights.sum(), probs, axes=1)
-
-
-def hard_vote(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted vote shares of the members' argmax predictions, ties broken by the summed probability."""
-    weights = np.asarray(weights, dtype=float)
-    n_classes = probs.shape[2]
-    votes = np.tensordot(weights, np.eye(n_classes)[probs.argmax(axis=2)], axes=1)
-    scores = votes + TIE_BREAK_SCALE * probs.sum(axis=0) / probs.shape[0]
-    return scores / scores.sum(axis=1, keepdims=True)
-
-
-def combine(probs: np.ndarray, weights: np.ndarray, method: str) -> np.ndarray:
-    return soft_vote(probs, weights) if method == "soft" else hard_vote(probs, weights)
 
 
 def fit_weights(probs: np.ndarray, labels: np.ndarray, method: str, seed: int) -> np.ndarray:

@@ -154,7 +154,6 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     dealt with here, once, before any child starts; the children get the resolved values as overrides."""
     import torch
 
-    from ..core.config import result_fingerprint
     from ..core.layout import ExperimentDir, check_free_for
     from ..core.runtime import available_cores, worker_count
     from ..data.folds import shared_folds
@@ -166,7 +165,7 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     run = resolve_run(name, args.profile, args.overrides, args.data)
     cfg, data = run.cfg, run.data
     outputs, experiment = Path(args.outputs), ExperimentDir(Path(args.outputs) / cfg.name)  # name=X: OUTPUTS/X
-    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    fingerprint = run.fingerprint(outputs)
     folds = folds_to_train(cfg)
     check_free_for(experiment.path, "experiment")
     if args.restart and not nodes.rank:  # before any child starts; the children's runs do not restart

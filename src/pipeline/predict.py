@@ -26,8 +26,8 @@ from ..data.competition import TestSet, load_test_set
 from ..data.image_cache import cache_for
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
+from ..inference.voting import combine
 from ..model.checkpoints import read_checkpoint
-from .ensemble import combine
 from .submission import submission_from_probs, write_submission
 
 
@@ -56,10 +56,7 @@ def fold_models(outputs: Path, name: str, tta: Optional[str] = None) -> FoldMode
     saved = read_saved(outputs / name)
     if saved.kind == "ensemble":
         raise UserError(f"{name} is an ensemble; an ensemble member must be an experiment")
-    cfg = saved.experiment
-    if cfg.frozen:
-        raise UserError(f"{name} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no fold "
-                        "networks); predict and export need a fine-tuned experiment")
+    cfg = saved.fine_tuned("predict and export")
     checkpoints = []
     for fold in range(cfg.data.n_folds):
         own, from_source = (ExperimentDir(outputs / run).fold(fold).best for run in (name, saved.source))

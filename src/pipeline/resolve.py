@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..core.config import resolve_config
+from ..core.config import resolve_config, result_fingerprint
 from ..core.errors import UserError
 from ..core.files import missing_file_reason
 from ..core.redact import redact
@@ -117,6 +117,13 @@ class RunConfig:
         """Provenance for the run's config.yaml: profile, geometry and whatever the caller adds."""
         measured = {"test_geometry": self.geometry.summary()} if self.geometry else {}
         return {"profile": self.profile, **measured, **more}
+
+    def fingerprint(self, outputs: Path) -> str:
+        """The run's result fingerprint: its config, its data (style-transfer images included) and the identity of
+        every finished run a technique of it learns from (found under `outputs`)."""
+        from ..training.techniques import sources  # torch and timm: only when a run is fingerprinted
+
+        return result_fingerprint(self.cfg, self.data.fingerprint(with_style=True), sources(self.cfg, outputs))
 
     def explicit_overrides(self) -> list[str]:
         """key=value arguments that give another process the values the data decided, so it measures nothing."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from ..core.config import result_fingerprint, run_info
+from ..core.config import run_info
 from ..core.distributed import SINGLE_PROCESS, DistContext, all_gather, barrier, destroy, device_for, init_distributed
 from ..core.errors import UserError, one_line
 from ..core.files import write_yaml
@@ -197,7 +197,7 @@ def run_experiment(run: RunConfig, outputs: Path, submissions: Path, extra_info:
         raise ValueError(f"run_experiment needs a resolved config; still 'auto': {', '.join(unresolved(cfg))}")
     started = time.time()
     experiment = ExperimentDir(out_dir or outputs / cfg.name)
-    fingerprint = result_fingerprint(cfg, data.fingerprint(with_style=True))
+    fingerprint = run.fingerprint(outputs)
     device = device_for(ctx)
     folds = folds_to_train(cfg)
     check_free_for(experiment.path, "experiment")
@@ -253,7 +253,7 @@ def train_folds(run: RunConfig, outputs: Path, experiment: ExperimentDir, folds_
             result = {"best_macro_f1": frozen.fit_fold(folds, fold, fold_dir, fingerprint)}
         else:
             trained = train_fold(cfg, data, folds, fold, fold_dir, device, fingerprint, log, image_cache, ctx,
-                                 after_epoch)
+                                 after_epoch, outputs=outputs)
             result = {key: getattr(trained, key) for key in FOLD_RESULT_KEYS}
         tracker.fold_end(fold, result)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..core.config import NON_RESULT_KEYS, flatten
+from ..core.config import flatten, result_settings
 from ..core.errors import UserError, first_line
 from ..core.layout import ExperimentDir
 from ..core.redact import redact
@@ -338,11 +338,6 @@ class Trackers(Tracker):
 
 
 NO_TRACKING = Tracker()
-
-
-def result_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config keys that change what a fold learns (the hparams of a run)."""
-    return {key: value for key, value in flatten(cfg.model_dump(mode="json")).items() if key not in NON_RESULT_KEYS}
 
 
 def open_trackers(cfg: ExperimentConfig, out_dir: Path, outputs: Path, config: dict, fingerprint: str) -> Trackers:

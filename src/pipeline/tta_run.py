@@ -26,10 +26,7 @@ from .resolve import log, resolve_data_root
 def run_tta(source: str, mode: str, data: CompetitionData, outputs: Path, submissions: Path,
             log: Callable[[str], None] = print) -> dict[str, float]:
     started = time.time()
-    cfg = read_saved(outputs / source).experiment
-    if cfg.frozen:
-        raise UserError(f"{source} is a frozen-feature experiment (a {cfg.frozen.classifier} classifier, no fold "
-                        "networks); TTA needs a fine-tuned experiment")
+    cfg = read_saved(outputs / source).fine_tuned("TTA")
     name = f"{source}-tta-{mode}"
     experiment, fitted = ExperimentDir(outputs / name), ExperimentDir(outputs / source)
     check_free_for(experiment.path, "tta")

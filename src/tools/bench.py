@@ -9,13 +9,15 @@ Five sections, figures only (nothing passes or fails):
 - the training loop on real images: plain (fp32, no cache) against the default switches with a warm cache;
   when it falls well short of the ceiling, the input pipeline is the bottleneck;
 - inference with and without TTA;
-- memory (asked for by name): the estimated training memory and the largest batch for each GPU size, beside the
-  FLOPs of a training image (both counted on FakeTensors, so a large backbone takes a minute on the CPU).
+- memory (asked for by name): the estimated training memory and the largest batch for each GPU size (with
+  train.accumulate_steps, in micro-batches: the memory is a micro-batch's), beside the FLOPs of a training image
+  (both counted on FakeTensors, so a large backbone takes a minute on the CPU).
 The model is built with random weights (speed does not depend on them, and nothing is downloaded).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import resource
 import tempfile
@@ -248,8 +250,10 @@ class Bench:
         """The estimated training memory and the largest batch for common GPU sizes (src/tools/memory.py)."""
         cfg = estimating_config(self.cfg, self.device)
         gpus = GPUS + ((this_gpu(self.device),) if self.device.type == "cuda" else ())
+        steps = cfg.train.accumulate_steps
         return memory_table(estimate(self.training(cfg, self.rows)), cfg.train.batch_size,
-                            multiple=2 if cfg.train.cutmix_prob else 1, gpus=gpus)
+                            multiple=math.lcm(steps, 2 if cfg.train.cutmix_prob else 1), gpus=gpus,
+                            accumulate_steps=steps)
 
     def model_ceiling(self) -> float:
         section, base = "training steps (batch on device)", plain(self.cfg)

@@ -12,7 +12,9 @@ The step runs twice (the first makes AdamW's moments) at two probe batches. Afte
 the bytes alive are a line in the batch, fixed + per image x batch (every tensor is either independent of the batch or
 proportional to it), and the peak at a batch is the highest of those lines: not one line, since the moment of the
 peak moves. A checkpointed ViT peaks at the end of its backward pass at a small batch, when every gradient exists,
-and near its start at a large one, when every block's input is still kept.
+and near its start at a large one, when every block's input is still kept. Under gradient accumulation
+(train.accumulate_steps k) the step splits its batch into k micro-batches, so the probes are k times larger, the
+batch that fits is k micro-batches, and what grows with it is a micro-batch's activations plus the batch's inputs.
 
 An estimate, not a measurement: a GPU adds its kernels' workspace, the allocator's rounding and fragmentation and
 the CUDA context (about a GiB), which HEADROOM leaves room for, and the probe follows the CPU's autocast lists, which
@@ -43,7 +45,7 @@ from ..training.optim import SAM
 
 GIB = 2 ** 30
 HEADROOM = 0.85  # the share of a GPU's memory the estimate may fill: the rest for workspace, fragmentation, context
-PROBE_BATCHES = (2, 4)  # even, for CutMix
+PROBE_BATCHES = (2, 4)  # even, for CutMix; micro-batches of these under gradient accumulation
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,10 @@ def estimating_config(cfg: ExperimentConfig, device: torch.device) -> Experiment
     return cfg.model_copy(update={"train": train, "speed": cfg.speed.model_copy(update={"compile": False})})
 
 
-def estimate(run: Training, batches: tuple[int, int] = PROBE_BATCHES) -> MemoryEstimate:
-    """The estimate for a Training built from estimating_config: its step on FakeTensors at two probe batches."""
+def estimate(run: Training, batches: tuple[int, int] | None = None) -> MemoryEstimate:
+    """The estimate for a Training built from estimating_config: its step on FakeTensors at two probe batches
+    (default: PROBE_BATCHES micro-batches of train.accumulate_steps each)."""
+    batches = batches or tuple(probe * run.cfg.train.accumulate_steps for probe in PROBE_BATCHES)
     timelines = []
     for batch in batches:
         with fake_training(run) as fake:
@@ -211,14 +215,25 @@ def estimate(run: Training, batches: tuple[int, int] = PROBE_BATCHES) -> MemoryE
     return MemoryEstimate.from_probes(batches, tuple(timelines), str(dtype or torch.float32).removeprefix("torch."))
 
 
-def table(estimated: MemoryEstimate, batch: int, multiple: int = 1, gpus: tuple[Gpu, ...] = GPUS) -> list[str]:
-    """A line on the estimate at `batch`, then Markdown rows: the largest batch for each GPU."""
+def table(estimated: MemoryEstimate, batch: int, multiple: int = 1, gpus: tuple[Gpu, ...] = GPUS,
+          accumulate_steps: int = 1) -> list[str]:
+    """A line on the estimate at `batch`, then Markdown rows: the largest batch for each GPU (with gradient
+    accumulation: that many micro-batches of the batch / accumulate_steps images, whose memory it is)."""
     fixed, per_image = estimated.peak(batch)
-    rows = ["| GPU, as sold | capacity torch reports | largest batch that fits (estimate) |", "|---|---:|---:|"]
-    rows += [f"| {gpu.marketed} ({gpu.card}) | {gpu.gib:.2f} GiB | {estimated.largest_batch(gpu.bytes, multiple)} |"
-             for gpu in gpus]
+
+    def fits(gpu: Gpu) -> str:
+        largest = estimated.largest_batch(gpu.bytes, multiple)
+        split = f" ({accumulate_steps} x {largest // accumulate_steps})" if accumulate_steps > 1 else ""
+        return f"{largest}{split}"
+
+    accumulated = "" if accumulate_steps == 1 else (
+        f" ({accumulate_steps} micro-batches of {batch // accumulate_steps}: the activations, and BatchNorm, are a "
+        "micro-batch's)")
+    heading = "largest batch that fits (estimate)" + ("" if accumulate_steps == 1 else ": micro-batches x their size")
+    rows = [f"| GPU, as sold | capacity torch reports | {heading} |", "|---|---:|---:|"]
+    rows += [f"| {gpu.marketed} ({gpu.card}) | {gpu.gib:.2f} GiB | {fits(gpu)} |" for gpu in gpus]
     return [f"estimated training memory ({estimated.precision} autocast; the trainer's step on FakeTensors): "
-            f"{estimated.training_bytes(batch) / GIB:.2f} GiB at batch {batch}, the peak of the step, "
+            f"{estimated.training_bytes(batch) / GIB:.2f} GiB at batch {batch}{accumulated}, the peak of the step, "
             f"{fixed / GIB:.2f} GiB fixed (weights, gradients, optimiser moments, EMA, autocast's copies) + "
             f"{per_image / 2 ** 20:.1f} MiB an image; {estimated.between_steps[0] / GIB:.2f} GiB stays between "
             f"steps", "", *rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -27,12 +28,15 @@ from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData, style_images_for_fold
 from ..data.geometry import ValidationSet, validation_set
 from ..data.image_cache import ImageCache
+from ..data.training_set import TrainingSet
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
 from ..model.checkpoints import load_weights, read_checkpoint
 from .ema import ema_horizon_note, ema_line
 from .loop import Training, build_training, capture_rng, restore_rng, train_one_epoch
+from .objective import FoldContext
 from .schedules import base_lr, early_stop_note, schedule_note
+from .techniques import fold_training_set
 
 AfterEpoch = Callable[[int, dict], None]
 
@@ -106,7 +110,7 @@ def save_last(run: Training, fold_dir: FoldDir, fingerprint: str, progress: Prog
 def validate(run: Training, predictor: Predictor, raw: Optional[Predictor], loader, validation: ValidationSet,
              name: str) -> tuple[dict, np.ndarray]:
     """The epoch's validation scores (and the raw weights' F1 under an EMA) and its probabilities."""
-    probs, loss = predictor.probs(loader, run.criterion, desc=f"{name} validate")
+    probs, loss = predictor.probs(loader, run.objective.criterion, desc=f"{name} validate")
     val = scores(validation.labels, probs)
     record = {"val_loss": loss, "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
               "val_macro_f1_paintings": painting_scores(validation.ids, validation.labels, probs)["macro_f1"]}
@@ -118,7 +122,10 @@ def validate(run: Training, predictor: Predictor, raw: Optional[Predictor], load
 
 def epoch_line(name: str, epochs: int, record: dict, improved: bool) -> str:
     raw = f" (raw weights {record['val_macro_f1_raw']:.4f})" if "val_macro_f1_raw" in record else ""
-    return (f"{name} epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}  val loss "
+    parts = ", ".join(f"{key.removeprefix('train_loss_')} {value:.4f}" for key, value in record.items()
+                      if key.startswith("train_loss_"))
+    return (f"{name} epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f}"
+            f"{f' ({parts})' if parts else ''}  val loss "
             f"{record['val_loss']:.4f}  val macro F1 {record['val_macro_f1']:.4f}{raw}  paintings "
             f"{record['val_macro_f1_paintings']:.4f}  acc {record['val_accuracy']:.4f}  lr {record['lr']:.2e}  "
             f"{record['train_images_per_s']:,.0f} images/s  {record['seconds']:.0f}s{'  *best*' if improved else ''}")
@@ -137,9 +144,10 @@ def fold_rows(data: CompetitionData, folds: pd.DataFrame, fold: int) -> tuple[pd
 def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame, fold: int, fold_dir: FoldDir,
                device: torch.device, fingerprint: str, log: Callable[[str], None] = print,
                image_cache: Optional[ImageCache] = None, ctx: DistContext = SINGLE_PROCESS,
-               after_epoch: Optional[AfterEpoch] = None) -> FoldResult:
+               after_epoch: Optional[AfterEpoch] = None, *, outputs: Path) -> FoldResult:
     """Train one fold and write best.pt, last.pt, history.csv, val_probs.csv, test_probs.csv, done.json; once
-    done.json is written, last.pt goes unless train.keep_checkpoints.
+    done.json is written, last.pt goes unless train.keep_checkpoints. What it trains on is its paintings, extended by
+    the techniques the config turns on (pseudo-labels, distillation), which read their teachers under `outputs`.
 
     `after_epoch(fold, history row)` runs on every rank once the epoch's files are written; it may raise to end the
     fold there (a tuning trial's pruning), leaving last.pt to resume from."""
@@ -149,7 +157,9 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     stream_seed = cfg.seed + fold + 10_000 * ctx.rank
     if ctx.enabled:
         seed_everything(stream_seed)
-    run = build_training(cfg, train_rows, len(data.classes), device, ctx, image_cache, seed=stream_seed,
+    training_set = fold_training_set(TrainingSet(train_rows, len(data.classes)), FoldContext(
+        cfg, data, fold, fold_dir, fingerprint, outputs, device, ctx, image_cache, log))
+    run = build_training(cfg, training_set, len(data.classes), device, ctx, image_cache, seed=stream_seed,
                          shared_seed=cfg.seed + fold)
     validation = validation_set(cfg, val_rows)
     predicting = run.ema.module if run.ema is not None else run.model
@@ -160,7 +170,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     progress = resume(run, fold_dir, fingerprint, ctx, log, name)
     synced = ", SyncBatchNorm" if ctx.enabled and cfg.train.sync_batchnorm else ""
     processes = f" x {ctx.world_size} processes (DDP{synced})" if ctx.enabled else ""
-    log(f"{name}: {len(train_rows)} train / {len(val_rows)} val images, {cfg.model.backbone} "
+    crops = f" + {len(training_set.crops)} test crops" if len(training_set.crops) else ""
+    log(f"{name}: {len(train_rows)} train{crops} / {len(val_rows)} val images, {cfg.model.backbone} "
         f"at {cfg.input.img_size}px on {device.type}{processes}, {run.workers} loader workers; validating on "
         f"{validation.describe()}")
     if run.ema is not None:
@@ -184,8 +195,9 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
                 scored["val_macro_f1"], epoch, val_probs
             if ctx.is_main:
                 save_best(run, fold_dir, epoch, progress.best_macro_f1, data.classes)
+        parts = {f"train_loss_{part}": float(np.mean(all_gather(ctx, value))) for part, value in stats.parts.items()}
         progress.history.append({
-            "epoch": epoch, "lr": lr, "train_loss": float(np.mean(all_gather(ctx, stats.loss))), **scored,
+            "epoch": epoch, "lr": lr, "train_loss": float(np.mean(all_gather(ctx, stats.loss))), **parts, **scored,
             "seconds": round(time.time() - started, 1),
             "train_images_per_s": round(stats.images_per_s * ctx.world_size, 1),
             "data_wait_share": round(stats.data_seconds / stats.seconds, 3) if stats.seconds else 0.0})

@@ -1,12 +1,14 @@
 """The training loop, written once: what a fold trains with (built from the config) and one epoch of optimiser steps.
-Every technique is an option of the config: the head, loss, sampler, CutMix, optimiser (SAM too), schedule, EMA,
-mixed precision, gradient clipping, SyncBatchNorm and DDP."""
+Every technique is an option of the config: the head, sampler, optimiser (SAM too), schedule, EMA, mixed precision,
+gradient clipping, gradient accumulation, SyncBatchNorm and DDP; what a batch's loss is (the loss, CutMix, soft
+targets, pseudo-labels, distillation) is the objective's (src/training/objective.py)."""
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -21,16 +23,18 @@ from ..core.errors import UserError
 from ..core.runtime import autocast, autocast_dtype, synchronize, to_device, worker_count
 from ..core.schema import ExperimentConfig
 from ..data.image_cache import ImageCache
-from ..data.loader import ImageDataset, make_loader
+from ..data.loader import make_loader
 from ..data.sampler import build_sampler
-from ..data.transforms import build_train_transform
+from ..data.training_set import TrainingSet
+from ..data.transforms import build_crop_train_transform, build_train_transform
 from ..model.networks import build_model, normalisation
 from ..model.prepare import prepare_model, uses_channels_last
 from .ema import build_ema
-from .losses import build_loss
+from .objective import Objective, build_objective
 from .optim import SAM, build_optimizer, parameter_groups
 from .schedules import base_lr, build_scheduler
 from .sync_batchnorm import convert_sync_batchnorm
+from .techniques import loss_terms
 
 # The training loop looks at its losses on the host (finite? running mean for the progress bar) once every this
 # many steps, not every step: reading a loss waits for the GPU to finish all queued work.
@@ -43,23 +47,11 @@ class EpochStats:
     images: int
     seconds: float
     data_seconds: float  # of which the loop waited for the DataLoader
+    parts: dict[str, float] = field(default_factory=dict)  # the objective's logged parts of the loss, epoch means
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-def build_cutmix(cfg: ExperimentConfig, n_classes: int):
-    """timm's CutMix on whole batches with probability cutmix_prob; correct_lam makes the target weights
-    equal the pasted area after clipping at the border."""
-    if not cfg.train.cutmix_prob:
-        return None
-    if cfg.train.batch_size % 2:
-        raise UserError(f"train.cutmix_prob needs an even train.batch_size, got {cfg.train.batch_size}")
-    from timm.data import Mixup
-
-    return Mixup(mixup_alpha=0.0, cutmix_alpha=cfg.train.cutmix_alpha, prob=cfg.train.cutmix_prob,
-                 switch_prob=0.0, mode="batch", correct_lam=True, label_smoothing=0.0, num_classes=n_classes)
 
 
 def capture_rng() -> dict:
@@ -90,15 +82,21 @@ def restore_rng(state: dict, log: Callable[[str], None] = print) -> None:
                                              "pos": legacy["state"]["pos"]}})
 
 
-def train_loader_for(dataset: ImageDataset, labels: np.ndarray, cfg: ExperimentConfig, device: torch.device,
+def train_loader_for(dataset, labels: np.ndarray, cfg: ExperimentConfig, device: torch.device,
                      workers: int, ctx: DistContext, seed: int, shared_seed: int):
-    """The training loader. Under DDP each rank takes batch_size / world_size images a step, so a step still
-    sees train.batch_size images and the schedule is the same; DistributedSampler shuffles (set_epoch, with a
-    seed all ranks share) unless a class-balancing sampler draws each rank's share (with the rank's own seed)."""
+    """The training loader: one batch an optimiser step. Under DDP each rank takes batch_size / world_size images a
+    step, so a step still sees train.batch_size images and the schedule is the same; DistributedSampler shuffles
+    (set_epoch, with a seed all ranks share) unless a class-balancing sampler draws each rank's share (with the
+    rank's own seed)."""
     if cfg.train.batch_size % ctx.world_size:
         raise UserError(f"train.batch_size {cfg.train.batch_size} does not split over {ctx.world_size} processes; "
                         f"choose a multiple of {ctx.world_size}")
     batch_size = cfg.train.batch_size // ctx.world_size
+    steps = cfg.train.accumulate_steps
+    if batch_size % steps:
+        per = f" on each of the {ctx.world_size} processes" if ctx.enabled else ""
+        raise UserError(f"train.accumulate_steps {steps} splits a batch of {batch_size}{per} into micro-batches of "
+                        f"unequal size; choose train.batch_size as a multiple of {steps * ctx.world_size}")
     if cfg.train.cutmix_prob and batch_size % 2:
         raise UserError(f"train.cutmix_prob needs an even batch on each of the {ctx.world_size} processes, "
                         f"got {batch_size}; choose train.batch_size as a multiple of {2 * ctx.world_size}")
@@ -127,8 +125,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    criterion: nn.Module
-    cutmix: object
+    objective: Objective
     ema: ModelEmaV3 | None = None
     ema_eval_model: nn.Module | None = None
 
@@ -157,19 +154,21 @@ def sync_for(model: nn.Module, cfg: ExperimentConfig, ctx: DistContext) -> nn.Mo
     return model
 
 
-def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, device: torch.device,
+def build_training(cfg: ExperimentConfig, rows: pd.DataFrame | TrainingSet, n_classes: int, device: torch.device,
                    ctx: DistContext = SINGLE_PROCESS, image_cache: ImageCache | None = None, seed: int = 0,
                    shared_seed: int = 0) -> Training:
-    """Model (SyncBatchNorm under DDP), training loader over `rows` (path, label), optimiser, schedule, gradient
-    scaler (float16 only), loss and CutMix, as the config says."""
+    """Model (SyncBatchNorm under DDP), training loader over `rows` (paintings: path, label; or a TrainingSet with
+    the crops and targets techniques added), optimiser, schedule, gradient scaler (float16 only) and the objective
+    (loss, CutMix, the techniques' terms), as the config says."""
     model = sync_for(build_model(cfg.model, n_classes, cfg.input.img_size).to(device), cfg, ctx)
     if cfg.speed.grad_checkpointing:
         enable_grad_checkpointing(model.backbone, cfg.model.backbone)
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device, processes=ctx.local_world_size)
-    dataset = ImageDataset(rows["path"], rows["label"], build_train_transform(cfg, mean, std, seed=seed),
-                           cache=image_cache)
-    loader = train_loader_for(dataset, rows["label"].to_numpy(), cfg, device, workers, ctx, seed, shared_seed)
+    training_set = rows if isinstance(rows, TrainingSet) else TrainingSet(rows, n_classes)
+    dataset = training_set.dataset(build_train_transform(cfg, mean, std, seed=seed),
+                                   build_crop_train_transform(cfg, mean, std, seed=seed), cache=image_cache)
+    loader = train_loader_for(dataset, training_set.labels, cfg, device, workers, ctx, seed, shared_seed)
     optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.optimizer), device)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
     use_scaler = autocast_dtype(cfg.train.amp, cfg.train.amp_dtype, device) == torch.float16
@@ -179,8 +178,8 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
     ema = build_ema(model, cfg.train, steps_per_epoch=len(loader))
     train_model, eval_model = prepare_model(model, cfg, device, ctx)
     return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
-                    torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
-                    build_cutmix(cfg, n_classes), ema,
+                    torch.amp.GradScaler(device.type, enabled=use_scaler),
+                    build_objective(cfg, n_classes, loss_terms(cfg)), ema,
                     prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
 
 
@@ -203,33 +202,55 @@ def _check_finite(losses: list[torch.Tensor], lrs: list[float], first: int, desc
                         f"(lr {lrs[step]:.2e}); lower optimizer.lr or check the data")
 
 
-def train_step(run: Training, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One optimiser step on a batch already on the device (two forward-backward passes under SAM), then the
-    schedule's step. Returns the loss, left on the device."""
-    cfg, optimizer = run.cfg, run.optimizer
-    if run.cutmix is not None:
-        images, targets = run.cutmix(images, targets)
+def micro_batch_sizes(images: int, steps: int) -> list[int]:
+    """The sizes of the micro-batches a step's `images` are split into (train.accumulate_steps; as equal as can be)."""
+    parts = min(steps, images)
+    return [images // parts + (part < images % parts) for part in range(parts)]
 
-    def forward_backward() -> torch.Tensor:
+
+def train_step(run: Training, images: torch.Tensor, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on a batch already on the device (two forward-backward passes under SAM), then the
+    schedule's step and the EMA's. `targets` are the loader's (class indices, or the dict of a TrainingSet's targets).
+
+    Gradient accumulation (train.accumulate_steps k): after CutMix, which mixes the whole batch as without it, the
+    batch goes forward and backward in k micro-batches, each micro-batch's mean loss scaled by its share of the batch,
+    so the summed gradients are those of the batch's mean loss; BatchNorm normalises each micro-batch on its own.
+    Under DDP the gradients are averaged over the processes once, with the last micro-batch. Returns the batch's loss
+    and its logged parts, left on the device."""
+    cfg, optimizer, objective = run.cfg, run.optimizer, run.objective
+    images, targets = objective.mix(images, objective.targets(targets, run.device))
+    sizes = micro_batch_sizes(len(images), cfg.train.accumulate_steps)
+    chunks = list(zip(images.split(sizes), targets.split(sizes) if len(sizes) > 1 else [targets]))
+
+    def forward_backward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(run.device, cfg.train.amp, cfg.train.amp_dtype):
-            loss = run.criterion(run.train_model(images), targets)
-        run.scaler.scale(loss).backward()
+        done = []  # (share of the batch, loss, parts) of each micro-batch
+        for index, (chunk, chunk_targets) in enumerate(chunks):
+            share = len(chunk) / len(images)
+            syncing = index == len(chunks) - 1 or not hasattr(run.train_model, "no_sync")
+            with contextlib.nullcontext() if syncing else run.train_model.no_sync():
+                with autocast(run.device, cfg.train.amp, cfg.train.amp_dtype):
+                    loss, loss_parts = objective.loss(run.train_model(chunk), chunk_targets)
+                run.scaler.scale(loss if len(chunks) == 1 else loss * share).backward()
+            done.append((share, loss.detach(), loss_parts))
         if cfg.train.grad_clip_norm:
             run.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
-        return loss
+        if len(done) == 1:
+            return done[0][1], done[0][2]
+        return (sum(share * loss for share, loss, _ in done),
+                {name: sum(share * parts[name] for share, _, parts in done) for name in done[0][2]})
 
     if isinstance(optimizer, SAM):
-        loss = optimizer.step(forward_backward, run.model)
+        loss, parts = optimizer.step(forward_backward, run.model)
     else:
-        loss = forward_backward()
+        loss, parts = forward_backward()
         run.scaler.step(optimizer)
         run.scaler.update()
     run.scheduler.step()
     if run.ema is not None:
         run.ema.update(run.model, step=run.scheduler.last_epoch)
-    return loss.detach()
+    return loss, parts
 
 
 def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
@@ -241,7 +262,7 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
         sampler.set_epoch(epoch)
     run.train_model.train()
     channels_last = uses_channels_last(run.cfg, device)
-    losses, sizes, lrs, checked = [], [], [], 0
+    losses, parts, sizes, lrs, checked = [], [], [], [], 0
     started, waited = time.perf_counter(), 0.0
     bar = tqdm(total=len(run.loader), desc=desc, leave=False, disable=not sys.stderr.isatty())
     batches = iter(run.loader)
@@ -251,9 +272,11 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
         waited += time.perf_counter() - fetch
         if batch is None:
             break
-        images, labels = batch
+        images, targets = batch
         lrs.append(base_lr(run.optimizer))
-        losses.append(train_step(run, to_device(images, device, channels_last), labels.to(device, non_blocking=True)))
+        loss, step_parts = train_step(run, to_device(images, device, channels_last), targets)
+        losses.append(loss)
+        parts.append(step_parts)
         sizes.append(len(images))
         bar.update()
         if len(losses) - checked >= CHECK_EVERY:
@@ -266,6 +289,10 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
     if checked < len(losses):
         _check_finite(losses, lrs, checked, desc, epoch)
     weights = torch.tensor(sizes, dtype=torch.float32, device=device)
-    mean_loss = float((torch.stack(losses).float() * weights).sum() / weights.sum())
+
+    def mean(values: list[torch.Tensor]) -> float:
+        return float((torch.stack(values).float() * weights).sum() / weights.sum())
+
+    mean_loss, mean_parts = mean(losses), {name: mean([step[name] for step in parts]) for name in parts[0]}
     synchronize(device)
-    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, waited)
+    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, waited, mean_parts)
