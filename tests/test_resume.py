@@ -84,3 +84,25 @@ def test_resume_on_a_machine_that_sees_fewer_gpus_restores_what_fits(monkeypatch
     restore_rng(state, lines.append)
     assert [device for device, _ in restored] == [0] and torch.equal(restored[0][1], state["cuda"][0])
     assert len(lines) == 1 and "4 GPUs" in lines[0] and "sees 1" in lines[0] and "1 to 3" in lines[0]
+
+
+def _another_process_takes(path: Path) -> bool:
+    """Whether a second process gets the lock at `path` at once."""
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'a+') as handle:\n    try:\n"
+             "        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    except OSError:\n        sys.exit(1)\n")
+    return subprocess.run([sys.executable, "-c", probe, str(path)]).returncode == 0
+
+
+def test_a_lock_taken_again_by_its_holder_stays_held_until_the_outer_hold_ends(tmp_path):
+    """POSIX record locks belong to the process, and closing any handle of the file drops them all: the MLflow tracker
+    takes the tracking lock again while creating a fold's parent run, which used to leave the rest of its critical
+    section unlocked (two parent runs under --gpus)."""
+    from src.pipeline.locks import held_elsewhere, locked
+
+    path = tmp_path / ".locks" / "tracking.lock"
+    with locked(path, "tracking", wait=True):
+        with locked(path, "tracking", wait=True):
+            assert not _another_process_takes(path)
+        assert held_elsewhere(path) is None  # our own hold, and asking does not drop it
+        assert not _another_process_takes(path), "the inner release dropped the outer hold"
+    assert _another_process_takes(path)

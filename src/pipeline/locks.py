@@ -6,6 +6,10 @@ They are POSIX record locks (fcntl.lockf), which the operating system releases w
 ends, so a run killed with SIGKILL leaves nothing to clean up and its rerun resumes. Unlike flock they are not
 inherited by forked children: DataLoader workers, which outlive a killed parent by a few seconds, do not keep the
 lock. The lock file holds who took it last.
+
+A process that holds a lock and asks for it again (the MLflow tracker creates a fold's parent run under the lock it
+already holds) gets it at once and keeps it: closing any handle of the file would drop every lock the process has on
+it, so a lock taken again opens no second handle.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Iterator, Optional
 from ..core.errors import UserError
 from ..core.redact import redact
 
+_HELD: dict[Path, int] = {}  # the locks this process holds, by resolved path: how many times each is taken
+
 
 def holder() -> str:
     """Who takes a lock: the process, the machine and its command line (passwords in URLs hidden)."""
@@ -31,6 +37,14 @@ def locked(path: Path, what: str, wait: bool = False) -> Iterator[None]:
     """Hold the lock at `path` for the duration. Taken already: wait for it (`wait`), or stop with one line naming
     the process that holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     with open(path, "a+", encoding="utf-8") as handle:
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -42,13 +56,17 @@ def locked(path: Path, what: str, wait: bool = False) -> Iterator[None]:
         handle.truncate()
         handle.write(holder())
         handle.flush()
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
 
 
 def held_elsewhere(path: Path) -> Optional[str]:
     """Who holds the lock at `path` when another process does (what its file says), else None. Never for a lock this
-    process holds: closing any handle of a file drops every lock the process has on it."""
-    if not path.is_file():
+    process holds (closing any handle of a file would drop every lock the process has on it)."""
+    if not path.is_file() or path.resolve() in _HELD:
         return None
     with open(path, "a+", encoding="utf-8") as handle:
         try:
