@@ -18,7 +18,7 @@ from src.core.config import resolve_config
 from src.core.errors import UserError
 from src.core.files import TEMPORARY, atomic_path, this_host, writer_gone
 from src.core.layout import FoldDir
-from src.core.paths import CONFIG_DIR, ENSEMBLE_DIR
+from src.core.paths import CONFIG_DIR, ENSEMBLE_DIR, REPO, SHARED_OUTPUT_FOLDERS
 from src.core.removal import remove_output
 from src.model.checkpoints import read_checkpoint
 from src.pipeline.ensemble import load_ensemble_config
@@ -76,6 +76,25 @@ def test_every_command_that_takes_a_name_refuses_one_that_is_not_plain(argv, tmp
     assert run_cli(*[part for item in argv for part in places.get(item, [item])]) == 2
     assert "not a plain name" in one_error_line(capsys)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", SHARED_OUTPUT_FOLDERS)
+def test_a_name_of_a_shared_outputs_folder_is_refused(name, tmp_path, capsys):
+    """outputs/folds holds every experiment's folds and outputs/cache the image cache: an experiment named like one
+    would mix its folds and --restart into them."""
+    outputs = tmp_path / "outputs"
+    assert run_cli("run", "exp00", "--data", tmp_path, "--outputs", outputs, *TINY_RUN, f"name={name}") == 2
+    assert "a folder OUTPUTS shares between experiments" in one_error_line(capsys)
+    assert not outputs.exists()
+
+
+def test_every_shared_outputs_folder_the_code_writes_is_reserved():
+    """Each `outputs / "NAME"` the commands write (and FEATURE_DIR) is in SHARED_OUTPUT_FOLDERS."""
+    from src.training.frozen import FEATURE_DIR
+
+    written = {FEATURE_DIR} | {folder for path in (REPO / "src").rglob("*.py")
+                               for folder in re.findall(r'utputs\)? / "([A-Za-z_]+)"', path.read_text())}
+    assert written <= set(SHARED_OUTPUT_FOLDERS), written - set(SHARED_OUTPUT_FOLDERS)
 
 
 def test_a_parent_or_an_ensemble_member_that_is_not_a_plain_name_names_its_file(tmp_path):

@@ -9,12 +9,16 @@ import re
 from typing import Optional
 
 from .errors import UserError, quoted
+from .paths import SHARED_OUTPUT_FOLDERS
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def name_problem(name: object) -> Optional[str]:
     """What is wrong with `name` as the name of an experiment, ensemble, TTA run or study; None when nothing."""
+    if isinstance(name, str) and name in SHARED_OUTPUT_FOLDERS:
+        return (f"the name of a folder OUTPUTS shares between experiments ({', '.join(SHARED_OUTPUT_FOLDERS)}); "
+                "choose another name")
     if isinstance(name, str) and PLAIN_NAME.fullmatch(name):
         return None
     return ("not a plain name: use letters, digits, '_', '-' and '.', starting with a letter, digit or '_' (so not "

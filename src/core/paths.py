@@ -12,3 +12,6 @@ INPUTS = REPO / "inputs"
 DEMO_ROOT = INPUTS / "demo"
 OUTPUTS = REPO / "outputs"
 SUBMISSIONS = REPO / "submissions"
+# Folders directly under OUTPUTS that belong to no experiment (the shared folds, the image cache, exports, tuning
+# studies, frozen features and the tools' figures): no experiment, ensemble or TTA run may be named like one.
+SHARED_OUTPUT_FOLDERS = ("folds", "cache", "export", "tune", "features", "fewshot", "gpucheck", "bench", "eda")
