@@ -28,7 +28,8 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
                    "inference.batch_size",
                    "speed.channels_last", "speed.compile", "speed.cudnn_benchmark", "speed.grad_checkpointing",
                    "speed.pin_memory",
-                   "speed.persistent_workers", "speed.cache_dir", "tracking.tensorboard", "tracking.wandb",
+                   "speed.persistent_workers", "speed.cache_dir", "speed.compile_mode", "tracking.progress_seconds",
+                   "tracking.tensorboard", "tracking.wandb",
                    "tracking.wandb_project", "tracking.wandb_mode", "tracking.mlflow", "tracking.mlflow_uri",
                    "tracking.mlflow_experiment")
 # Keys added after results existed, with the value at which they change nothing: at that value they stay out of
@@ -36,7 +37,8 @@ NON_RESULT_KEYS = ("name", "parent", "description", "train.folds", "train.num_wo
 NEUTRAL_VALUES = {"augment.single": "none", "frozen": None, "speed.image_cache": "none", "train.sync_batchnorm": True,
                   "validation.mode": "whole", "augment.hflip": False, "train.ema_decay": None,
                   "scheduler.fit_cycles": False, "model.drop_path_rate": None, "optimizer.layer_decay": None,
-                  "train.ema_epochs": None, "scheduler.warmup_epochs": None}
+                  "train.ema_epochs": None, "scheduler.warmup_epochs": None, "speed.train_cache": "short_side",
+                  "speed.gpu_augment": False}
 
 
 def _ema_on(flat: dict) -> bool:
@@ -58,7 +60,10 @@ BEHAVIOUR_CHANGES = {
 DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops"),
                   ("augment.rrc_", lambda flat: flat["augment.crop"] == "rrc"),
                   ("train.ema_warmup", _ema_on),
-                  ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None))
+                  ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None),
+                  ("speed.train_cache",
+                   lambda flat: flat["speed.image_cache"] != "none" and flat["augment.crop"] != "rrc"),
+                  ("speed.gpu_augment", lambda flat: flat["augment.strong"] or flat["augment.extra_colour"]))
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
                      "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
 

@@ -18,6 +18,41 @@ def compiles(cfg: ExperimentConfig, device: torch.device) -> bool:
     return cfg.speed.compile and device.type == "cuda"
 
 
+def compile_mode(cfg: ExperimentConfig, device: torch.device, ctx: DistContext) -> str:
+    """speed.compile_mode, with auto resolved: CUDA graphs (reduce-overhead) in a single training process on CUDA,
+    where a small model's step is bound by kernel launches; the default mode under DDP, whose gradient hooks run
+    between the graphs, and on the CPU."""
+    if cfg.speed.compile_mode != "auto":
+        return cfg.speed.compile_mode
+    return "reduce-overhead" if device.type == "cuda" and not ctx.enabled else "default"
+
+
+class GraphSteps(nn.Module):
+    """A model compiled with CUDA graphs, each call a new step of torch's CUDA graph trees
+    (torch.compiler.cudagraph_mark_step_begin): a replay reuses the memory of the previous call's outputs, which
+    the trainer and the predictor have consumed by then (into a loss, into probabilities)."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """torch.compile with static shapes (dynamic=False: the trainer's batches are full and the predictor pads its
+    last one, so one graph serves every call and nothing recompiles), behind GraphSteps when `mode` uses CUDA
+    graphs."""
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+    return GraphSteps(compiled) if mode in ("reduce-overhead", "max-autotune") else compiled
+
+
+def is_compiled(model: nn.Module) -> bool:
+    return isinstance(model, (GraphSteps, torch._dynamo.eval_frame.OptimizedModule))
+
+
 def prepare_model(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
                   ctx: DistContext) -> tuple[nn.Module, nn.Module]:
     """The model to train (DDP-wrapped under torchrun, compiled when asked) and the one to evaluate (neither:
@@ -32,5 +67,6 @@ def prepare_model(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiles(cfg, device):
-        return torch.compile(train_model), torch.compile(model)
+        mode = compile_mode(cfg, device, ctx)
+        return compile_model(train_model, mode), compile_model(model, mode)
     return train_model, model

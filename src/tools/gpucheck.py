@@ -47,7 +47,8 @@ from ..inference.probabilities import read_probs
 from ..model.checkpoints import load_weights
 from ..pipeline.resolve import resolve_with_data
 from ..pipeline.run import run_experiment
-from .bench import Bench, machine_line, peak_gib, reset_peak, waiting
+from .bench import Bench, machine_line
+from .bench_common import peak_gib, reset_peak, waiting
 
 RUN_OVERRIDES = ["model.pretrained=false", "train.epochs=2", "train.patience=0", "train.folds=[0]",
                  "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=jpg"]
@@ -120,7 +121,7 @@ def augmentation_batches(cfg: ExperimentConfig, path: str, workers: int, epochs:
                          batches: int) -> list[torch.Tensor]:
     """Every batch of `epochs` epochs of a training loader built as the trainer builds it, over one painting
     repeated `batches` batches' worth: every image of them should differ."""
-    transform = build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=cfg.seed)
+    transform = build_train_transform(cfg, seed=cfg.seed)
     size = cfg.train.batch_size * batches
     loader = make_loader(ImageDataset([path] * size, [0] * size, transform), cfg.train.batch_size, workers,
                          torch.device("cpu"), train=True, seed=cfg.seed)
@@ -209,7 +210,7 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         log(f"gpucheck: {check.name}: {'PASS' if check.passed else 'FAIL'} ({check.detail})")
     predict_rate = timed_prediction(predictor, data.test["path"].tolist())
     bench = Bench(cfg, data, len(data.train), steps, warmup=0, workers=None, log=lambda _: None, device=device)
-    loop = bench.train_loop(bench.cfg, ImageCache(Path(cfg.speed.cache_dir), needed_short_side(cfg), "jpg"))
+    loop, _ = bench.train_loop(bench.cfg, ImageCache(Path(cfg.speed.cache_dir), needed_short_side(cfg), "jpg"))
     peaks.append(peak_gib(device))
     peak = max((p for p in peaks if p is not None), default=None)
     fold_rate = history["train_images_per_s"].iloc[-1]

@@ -4,7 +4,6 @@ mixed precision, gradient clipping, SyncBatchNorm and DDP."""
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,18 +13,18 @@ import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm import tqdm
 
 from ..core.distributed import SINGLE_PROCESS, DistContext
 from ..core.errors import UserError
-from ..core.runtime import autocast, autocast_dtype, synchronize, to_device, worker_count
+from ..core.progress import StepProgress
+from ..core.runtime import autocast, autocast_dtype, synchronize, worker_count
 from ..core.schema import ExperimentConfig
+from ..data.device_input import DeviceBatches, InputStage
 from ..data.image_cache import ImageCache
-from ..data.loader import ImageDataset, make_loader
+from ..data.loader import ImageDataset, make_loader, training_dataset
 from ..data.sampler import build_sampler
-from ..data.transforms import build_train_transform
 from ..model.networks import build_model, normalisation
-from ..model.prepare import prepare_model, uses_channels_last
+from ..model.prepare import is_compiled, prepare_model, uses_channels_last
 from .ema import build_ema
 from .losses import build_loss
 from .optim import SAM, build_optimizer, parameter_groups
@@ -131,6 +130,8 @@ class Training:
     cutmix: object
     ema: ModelEmaV3 | None = None
     ema_eval_model: nn.Module | None = None
+    inputs: InputStage | None = None  # what the device does to a batch before the model reads it
+    compile_seconds: float | None = None  # the first step of a compiled model, compilation included
 
     @property
     def predicting_model(self) -> nn.Module:
@@ -167,8 +168,7 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
         enable_grad_checkpointing(model.backbone, cfg.model.backbone)
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device, processes=ctx.local_world_size)
-    dataset = ImageDataset(rows["path"], rows["label"], build_train_transform(cfg, mean, std, seed=seed),
-                           cache=image_cache)
+    dataset = training_dataset(cfg, rows["path"], rows["label"], image_cache, seed)
     loader = train_loader_for(dataset, rows["label"].to_numpy(), cfg, device, workers, ctx, seed, shared_seed)
     optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.optimizer), device)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
@@ -181,7 +181,24 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
     return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
                     torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
                     build_cutmix(cfg, n_classes), ema,
-                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
+                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None,
+                    training_inputs(cfg, mean, std, seed, device))
+
+
+def training_inputs(cfg: ExperimentConfig, mean, std, seed: int, device: torch.device) -> InputStage:
+    """Normalisation on the device, and the pixel augmentations there under speed.gpu_augment (kornia)."""
+    augment = None
+    if cfg.speed.gpu_augment:
+        from ..data.device_augment import device_augmentations
+
+        augment = device_augmentations(cfg.augment)
+    return InputStage(mean, std, augment, seed, uses_channels_last(cfg, device))
+
+
+def compile_line(name: str, step_seconds: float, predict_seconds: float | None) -> str:
+    """What compiling cost this fold: the first training step and the first prediction pass, compilation included."""
+    predicted = f", the first prediction pass {predict_seconds:.1f}s" if predict_seconds is not None else ""
+    return f"{name}: compiled: the first training step took {step_seconds:.1f}s{predicted} (graphs compiled once)"
 
 
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
@@ -234,38 +251,38 @@ def train_step(run: Training, images: torch.Tensor, targets: torch.Tensor) -> to
 
 def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
     """One pass over the training loader. Losses stay on the device; they are checked (finite?) every CHECK_EVERY
-    steps and at the end, so the host never waits for the GPU within those steps."""
+    steps and at the end, so the host never waits for the GPU within those steps. The first step of a compiled
+    model is timed (run.compile_seconds): it compiles."""
     device = run.device
     sampler = getattr(run.loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+    run.inputs.set_epoch(epoch)
     run.train_model.train()
-    channels_last = uses_channels_last(run.cfg, device)
     losses, sizes, lrs, checked = [], [], [], 0
-    started, waited = time.perf_counter(), 0.0
-    bar = tqdm(total=len(run.loader), desc=desc, leave=False, disable=not sys.stderr.isatty())
-    batches = iter(run.loader)
-    while True:
-        fetch = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - fetch
-        if batch is None:
-            break
-        images, labels = batch
+    started = time.perf_counter()
+    batches = DeviceBatches(run.loader, device, run.inputs)
+    progress = StepProgress(len(batches), desc, run.cfg.tracking.progress_seconds)
+    for images, labels in batches:
+        timing = run.compile_seconds is None and is_compiled(run.train_model)
+        step_started = time.perf_counter()
         lrs.append(base_lr(run.optimizer))
-        losses.append(train_step(run, to_device(images, device, channels_last), labels.to(device, non_blocking=True)))
+        losses.append(train_step(run, images, labels))
         sizes.append(len(images))
-        bar.update()
+        if timing:
+            synchronize(device)
+            run.compile_seconds = time.perf_counter() - step_started
+        progress.update(len(images), batches.waited)
         if len(losses) - checked >= CHECK_EVERY:
             _check_finite(losses, lrs, checked, desc, epoch)
             checked = len(losses)
-            bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lrs[-1]:.2e}")
-    bar.close()
+            progress.note(loss=f"{float(losses[-1]):.4f}", lr=f"{lrs[-1]:.2e}")
+    progress.close()
     if not losses:
-        return EpochStats(0.0, 0, time.perf_counter() - started, waited)
+        return EpochStats(0.0, 0, time.perf_counter() - started, batches.waited)
     if checked < len(losses):
         _check_finite(losses, lrs, checked, desc, epoch)
     weights = torch.tensor(sizes, dtype=torch.float32, device=device)
     mean_loss = float((torch.stack(losses).float() * weights).sum() / weights.sum())
     synchronize(device)
-    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, waited)
+    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, batches.waited)
