@@ -68,7 +68,10 @@ def test_compiled_folds_compile_in_their_first_epoch_and_never_again(tiny_root, 
         return graph.forward
 
     real_compile = torch.compile
-    monkeypatch.setattr(prepare, "compiles", lambda cfg, device: cfg.speed.compile)
+    from src.inference import predictor
+
+    for module in (prepare, predictor):  # compile on the CPU, as on CUDA
+        monkeypatch.setattr(module, "compiles", lambda cfg, device: cfg.speed.compile)
     monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: modes.append((mode, dynamic)) or
                         real_compile(model, backend=counting_backend, dynamic=dynamic))
     monkeypatch.setattr(networks, "build_backbone", lambda cfg, img_size=None: timm.create_model(

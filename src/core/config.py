@@ -65,7 +65,7 @@ DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops
                    lambda flat: flat["speed.image_cache"] != "none" and flat["augment.crop"] != "rrc"),
                   ("speed.gpu_augment", lambda flat: flat["augment.strong"] or flat["augment.extra_colour"]))
 PACKAGES_RECORDED = ("torch", "torchvision", "timm", "albumentations", "ttach", "numpy", "pandas",
-                     "scikit-learn", "opencv-python-headless", "pillow", "pydantic")
+                     "scikit-learn", "opencv-python-headless", "pillow", "pydantic", "kornia")
 
 
 def _read_yaml(path: Path) -> dict:
