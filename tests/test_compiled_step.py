@@ -29,18 +29,27 @@ def test_auto_compiles_with_cuda_graphs_in_one_process_on_cuda_and_without_under
     assert prepare.compile_mode(chosen, torch.device("cuda"), ddp) == "max-autotune"
 
 
-def test_a_cuda_graph_model_marks_every_call_a_new_step(monkeypatch):
+def test_a_cuda_graph_model_marks_every_call_a_new_step_and_hands_out_copies(monkeypatch):
+    """Each call starts a step of CUDA graph trees, and what a call returns survives the next call, whose replay
+    writes its outputs into the same memory (as TTA's second view would overwrite the first's logits)."""
+
+    class Replays(torch.nn.Module):  # a CUDA graph's outputs: one buffer that every replay overwrites
+        def __init__(self):
+            super().__init__()
+            self.out = torch.zeros(3)
+
+        def forward(self, x):
+            return self.out.copy_(x)
+
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: model)
-    model = torch.nn.Linear(3, 2)
-    wrapped = prepare.compile_model(model, "reduce-overhead")
+    monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: Replays())
+    wrapped = prepare.compile_model(torch.nn.Linear(3, 3), "reduce-overhead")
     assert isinstance(wrapped, prepare.GraphSteps) and prepare.is_compiled(wrapped)
-    x = torch.randn(4, 3)
-    assert torch.equal(wrapped(x), model(x)) and len(marks) == 1
-    wrapped(x)
-    assert len(marks) == 2
-    assert not isinstance(prepare.compile_model(model, "default"), prepare.GraphSteps)
+    first = wrapped(torch.ones(3))
+    second = wrapped(torch.full((3,), 2.0))
+    assert torch.equal(first, torch.ones(3)) and torch.equal(second, torch.full((3,), 2.0)) and len(marks) == 2
+    assert not isinstance(prepare.compile_model(torch.nn.Linear(3, 3), "default"), prepare.GraphSteps)
 
 
 def test_a_short_batch_is_padded_with_zero_images_in_its_memory_layout():
@@ -137,3 +146,33 @@ def test_progress_lines_come_every_so_many_seconds_and_a_terminal_gets_a_bar(mon
     bar.update(32, 0.0)
     bar.close()
     assert bar.bar is not None and "epoch 1" in terminal.getvalue() and "images/s" not in terminal.getvalue()
+
+
+@pytest.mark.slow
+def test_bench_gives_the_compiled_steps_gain_and_compile_seconds(tiny_root, monkeypatch):
+    """bench's rows that only a GPU fills, walked on the CPU (dynamo's eager backend): the compiled step beside the
+    same switches eager with its compile seconds, and the compiled prediction's, which the projection adds."""
+    from src.data.competition import load_competition_data
+    from src.inference import predictor
+    from src.tools import bench
+
+    from .conftest import resolved
+
+    for module in (prepare, predictor, bench):
+        monkeypatch.setattr(module, "compiles", lambda cfg, device: cfg.speed.compile)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: real_compile(model, backend="eager",
+                                                                                    dynamic=dynamic))
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    cfg = resolved(resolve_config("exp07", "demo", ["input.img_size=32", "train.batch_size=4", "inference.batch_size=4",
+                                                    "speed.compile=true"])[0], data)
+    measured = bench.Bench(cfg, data, n_images=8, steps=2, warmup=1, workers=0, log=lambda _: None)
+    measured.cuda_only = ""  # the switch rows, as on a GPU
+    measured.model_ceiling()
+    measured.inference()
+    rows = {figure.setting: figure for figure in measured.figures}
+    assert re.match(r"\d+\.\d\dx the same switches eager; compiled \(default\) in \d+s, the first step; ",
+                    rows["all + torch.compile"].note)
+    assert rows["all + torch.compile"].images_per_s > 0
+    assert re.search(r"compiled in \d+s \(the first batch\)", rows["no TTA"].note)
+    assert measured.rates["predict"] > 0 and measured.rates["predict_compile"] > 0

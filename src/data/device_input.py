@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import albumentations as A
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DEVICE_STREAM = 2  # the seed stream of the device augmentation (EpochSampler's streams are 0 and 1)
@@ -43,10 +44,11 @@ class InputStage:
         self.epoch = epoch
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 to what albumentations' Normalize gives, through its own table."""
+        """uint8 to what albumentations' Normalize gives, through its own table (an embedding lookup: int32 indices
+        on every device)."""
         self.table = self.table.to(images.device)
         offsets = torch.arange(0, 3 * 256, 256, device=images.device, dtype=torch.int32).view(1, 3, 1, 1)
-        return self.table[images.to(torch.int32) + offsets]
+        return F.embedding(images.to(torch.int32) + offsets, self.table.view(-1, 1)).squeeze(-1)
 
     def augmented(self, images: torch.Tensor, batch: int) -> torch.Tensor:
         """uint8 to [0, 1], the device augmentation with this batch's seed, then (x - mean) / std."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from ..core.distributed import DistContext
 from ..core.schema import ExperimentConfig
@@ -29,8 +30,8 @@ def compile_mode(cfg: ExperimentConfig, device: torch.device, ctx: DistContext) 
 
 class GraphSteps(nn.Module):
     """A model compiled with CUDA graphs, each call a new step of torch's CUDA graph trees
-    (torch.compiler.cudagraph_mark_step_begin): a replay reuses the memory of the previous call's outputs, which
-    the trainer and the predictor have consumed by then (into a loss, into probabilities)."""
+    (torch.compiler.cudagraph_mark_step_begin). A replay reuses the memory of the previous call's outputs, so they
+    are cloned (the logits: a few numbers an image): TTA keeps one view's outputs while the next view runs."""
 
     def __init__(self, compiled: nn.Module):
         super().__init__()
@@ -38,7 +39,7 @@ class GraphSteps(nn.Module):
 
     def forward(self, *args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(*args, **kwargs)
+        return tree_map_only(torch.Tensor, torch.clone, self.compiled(*args, **kwargs))
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
