@@ -105,10 +105,13 @@ def test_compiled_folds_compile_in_their_first_epoch_and_never_again(tiny_root, 
 @pytest.mark.slow
 def test_a_run_whose_stderr_is_not_a_terminal_logs_progress_lines(tiny_root, tmp_path, capsys):
     """Under pytest's capture stderr is not a terminal, as under nohup, SLURM or a notebook: the epoch and the
-    prediction passes print a line after their first step and then every tracking.progress_seconds."""
+    prediction passes print a line to the log (stdout) after their first step and then every
+    tracking.progress_seconds; stderr stays for errors."""
     assert run_cli("run", "exp00", "--data", tiny_root, "--outputs", tmp_path / "out", "--submissions",
                    tmp_path / "s", *TINY_RUN, "train.folds=[0]", "tracking.progress_seconds=1e-9") == 0
-    log = capsys.readouterr().err
+    captured = capsys.readouterr()
+    log = captured.out
+    assert "images/s" not in captured.err
     steps = re.findall(r"exp00 fold 0 epoch 1: step (\d+)/(\d+), ([\d,.]+) images/s, input pipeline (\d+)% of the "
                        r"time, \d+s", log)
     assert [int(step) for step, _, _, _ in steps] == list(range(1, int(steps[0][1]) + 1))
@@ -117,7 +120,7 @@ def test_a_run_whose_stderr_is_not_a_terminal_logs_progress_lines(tiny_root, tmp
     assert re.search(r"exp00 fold 0 test: step 1/\d+", log)
 
 
-def test_progress_lines_come_every_so_many_seconds_and_a_terminal_gets_a_bar(monkeypatch):
+def test_progress_lines_come_every_so_many_seconds_and_a_terminal_gets_a_bar_instead(monkeypatch):
     import io
 
     from types import SimpleNamespace
@@ -127,7 +130,7 @@ def test_progress_lines_come_every_so_many_seconds_and_a_terminal_gets_a_bar(mon
     clock = iter([0.0, 0.5, 1.0, 1.5, 20.0, 20.5, 31.0, 40.0])
     monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     stream = io.StringIO()
-    progress = StepProgress(total=6, desc="epoch 1", every_s=10, stream=stream)
+    progress = StepProgress(total=6, desc="epoch 1", every_s=10, terminal=io.StringIO(), log=stream)
     for waited in (0.25, 0.25, 0.25, 5.0, 5.0):
         progress.update(32, waited)
     progress.note(loss="1.2345")
@@ -141,11 +144,11 @@ def test_progress_lines_come_every_so_many_seconds_and_a_terminal_gets_a_bar(mon
         def isatty(self) -> bool:
             return True
 
-    terminal = Terminal()
-    bar = StepProgress(total=2, desc="epoch 1", every_s=10, stream=terminal)
+    terminal, log = Terminal(), io.StringIO()
+    bar = StepProgress(total=2, desc="epoch 1", every_s=10, terminal=terminal, log=log)
     bar.update(32, 0.0)
     bar.close()
-    assert bar.bar is not None and "epoch 1" in terminal.getvalue() and "images/s" not in terminal.getvalue()
+    assert bar.bar is not None and "epoch 1" in terminal.getvalue() and not log.getvalue()
 
 
 @pytest.mark.slow

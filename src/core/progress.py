@@ -1,7 +1,8 @@
-"""Progress of a loop over batches (training epochs, prediction passes): a tqdm bar on a terminal; where stderr is
-not one (a log file under nohup or SLURM, a notebook cell's captured output, the --gpus children's logs), a line
-after the first step and then every tracking.progress_seconds, with images/s and the share of the time spent
-waiting for the input pipeline, so a slow or stuck run shows in its log."""
+"""Progress of a loop over batches (training epochs, prediction passes): a tqdm bar when stderr is a terminal; where
+it is not (a log file under nohup or SLURM, a notebook cell's captured output, the --gpus children's logs), a line
+on stdout, with the run's other log lines, after the first step and then every tracking.progress_seconds, with
+images/s and the share of the time spent waiting for the input pipeline, so a slow or stuck run shows in its log.
+stderr keeps only errors, each on one line."""
 from __future__ import annotations
 
 import sys
@@ -12,10 +13,12 @@ from tqdm import tqdm
 
 
 class StepProgress:
-    def __init__(self, total: int, desc: str, every_s: float, stream: Optional[TextIO] = None):
+    def __init__(self, total: int, desc: str, every_s: float, terminal: Optional[TextIO] = None,
+                 log: Optional[TextIO] = None):
         self.total, self.desc, self.every_s = total, desc, every_s
-        self.stream = stream or sys.stderr
-        self.bar = tqdm(total=total, desc=desc, leave=False, file=self.stream) if self.stream.isatty() else None
+        terminal = terminal or sys.stderr
+        self.log = log or sys.stdout
+        self.bar = tqdm(total=total, desc=desc, leave=False, file=terminal) if terminal.isatty() else None
         self.started = self.last_line = time.perf_counter()
         self.steps = self.images = 0
         self.notes: dict[str, str] = {}
@@ -36,7 +39,7 @@ class StepProgress:
         now = time.perf_counter()
         if self.every_s and (self.steps == 1 or now - self.last_line >= self.every_s):
             self.last_line = now
-            print(self.line(now - self.started, waited), file=self.stream, flush=True)
+            print(self.line(now - self.started, waited), file=self.log, flush=True)
 
     def line(self, elapsed: float, waited: float) -> str:
         notes = "".join(f", {key} {value}" for key, value in self.notes.items())

@@ -226,8 +226,8 @@ class TrackingConfig(_Strict):
     """Where a run's metrics go besides history.csv (src/pipeline/tracking.py); none of it changes what a fold
     learns."""
     progress_seconds: float = Field(30.0, ge=0, description="when stderr is not a terminal (a log file, SLURM, a "
-                                    "notebook), a progress line every this many seconds of training or predicting, "
-                                    "with images/s and the input pipeline's share of the time; 0: none")
+                                    "notebook), a progress line on stdout every this many seconds of training or "
+                                    "predicting, with images/s and the input pipeline's share of the time; 0: none")
     tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
     wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
     wandb_project: str = "artist-classification"

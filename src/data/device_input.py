@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.schema import ExperimentConfig
+
 DEVICE_STREAM = 2  # the seed stream of the device augmentation (EpochSampler's streams are 0 and 1)
 
 
@@ -101,3 +103,14 @@ class DeviceBatches:
             pending, index = ready, index + 1
         if pending is not None:
             yield pending
+
+
+def training_inputs(cfg: ExperimentConfig, mean, std, seed: int, channels_last: bool) -> InputStage:
+    """The training batches' stage: normalisation, and the pixel augmentations under speed.gpu_augment (kornia,
+    imported only then)."""
+    augment = None
+    if cfg.speed.gpu_augment:
+        from .device_augment import device_augmentations
+
+        augment = device_augmentations(cfg.augment)
+    return InputStage(mean, std, augment, seed, channels_last)

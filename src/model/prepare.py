@@ -71,3 +71,9 @@ def prepare_model(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
         mode = compile_mode(cfg, device, ctx)
         return compile_model(train_model, mode), compile_model(model, mode)
     return train_model, model
+
+
+def compile_line(name: str, step_seconds: float, predict_seconds: float | None) -> str:
+    """What compiling cost a fold: its first training step and its first prediction pass, compilation included."""
+    predicted = f", the first prediction pass {predict_seconds:.1f}s" if predict_seconds is not None else ""
+    return f"{name}: compiled: the first training step took {step_seconds:.1f}s{predicted} (compilation included)"

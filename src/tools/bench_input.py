@@ -11,10 +11,11 @@ from typing import Callable, Optional
 import torch
 
 from ..core.schema import ExperimentConfig
+from ..model.prepare import uses_channels_last
 from ..data.image_cache import ImageCache, needed_short_side
+from ..data.device_input import training_inputs
 from ..data.loader import make_loader, training_dataset
 from ..data.transforms import train_start_side
-from ..training.loop import training_inputs
 from .bench_common import Figure, images_per_second, plain, with_speed
 
 SECTION = "input pipeline"
@@ -94,7 +95,7 @@ def device_stage(bench) -> None:
     augmenting = bench.cfg.augment.strong or bench.cfg.augment.extra_colour
     for gpu_augment in (False, True) if augmenting else (False,):
         cfg = with_speed(bench.cfg, bench.cfg.train.amp, gpu_augment=gpu_augment)
-        stage = training_inputs(cfg, bench.mean, bench.std, seed=0, device=bench.device)
+        stage = training_inputs(cfg, bench.mean, bench.std, 0, uses_channels_last(cfg, bench.device))
         what = "normalise + pixel augmentations (speed.gpu_augment)" if gpu_augment else "normalise"
         bench.add(Figure(SECTION, f"the device's share: {what}, on {bench.device.type}",
                          bench.timed(lambda: len(stage(images, 0))), note=f"batches of {batch}"))

@@ -29,8 +29,9 @@ from ..data.image_cache import ImageCache
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
 from ..model.checkpoints import load_weights, read_checkpoint
+from ..model.prepare import compile_line
 from .ema import ema_horizon_note, ema_line
-from .loop import Training, build_training, capture_rng, compile_line, restore_rng, train_one_epoch
+from .loop import Training, build_training, capture_rng, restore_rng, train_one_epoch
 from .schedules import base_lr, early_stop_note, schedule_note
 
 AfterEpoch = Callable[[int, dict], None]

@@ -19,7 +19,7 @@ from ..core.errors import UserError
 from ..core.progress import StepProgress
 from ..core.runtime import autocast, autocast_dtype, synchronize, worker_count
 from ..core.schema import ExperimentConfig
-from ..data.device_input import DeviceBatches, InputStage
+from ..data.device_input import DeviceBatches, InputStage, training_inputs
 from ..data.image_cache import ImageCache
 from ..data.loader import ImageDataset, make_loader, training_dataset
 from ..data.sampler import build_sampler
@@ -182,23 +182,8 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame, n_classes: int, de
                     torch.amp.GradScaler(device.type, enabled=use_scaler), build_loss(cfg.loss),
                     build_cutmix(cfg, n_classes), ema,
                     prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None,
-                    training_inputs(cfg, mean, std, seed, device))
+                    training_inputs(cfg, mean, std, seed, uses_channels_last(cfg, device)))
 
-
-def training_inputs(cfg: ExperimentConfig, mean, std, seed: int, device: torch.device) -> InputStage:
-    """Normalisation on the device, and the pixel augmentations there under speed.gpu_augment (kornia)."""
-    augment = None
-    if cfg.speed.gpu_augment:
-        from ..data.device_augment import device_augmentations
-
-        augment = device_augmentations(cfg.augment)
-    return InputStage(mean, std, augment, seed, uses_channels_last(cfg, device))
-
-
-def compile_line(name: str, step_seconds: float, predict_seconds: float | None) -> str:
-    """What compiling cost this fold: the first training step and the first prediction pass, compilation included."""
-    predicted = f", the first prediction pass {predict_seconds:.1f}s" if predict_seconds is not None else ""
-    return f"{name}: compiled: the first training step took {step_seconds:.1f}s{predicted} (graphs compiled once)"
 
 
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
