@@ -201,8 +201,9 @@ class SpeedConfig(_Strict):
                               "the same distributions as the CPU path, other random draws, so it changes what a fold "
                               "learns (not augment.single)")
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = \
-        Field("auto", description="torch.compile's mode under speed.compile; auto: reduce-overhead (CUDA graphs) "
-              "in a single training process on CUDA, default under DDP; does not change what a fold learns")
+        Field("auto", description="torch.compile's mode for training under speed.compile; auto: reduce-overhead "
+              "(CUDA graphs) in a single training process on CUDA, default under DDP; prediction compiles in the "
+              "mode without CUDA graphs (TinyViT caches tensors in eval mode); does not change what a fold learns")
 
 
 class InferenceConfig(_Strict):

@@ -28,10 +28,15 @@ def compile_mode(cfg: ExperimentConfig, device: torch.device, ctx: DistContext) 
     return "reduce-overhead" if device.type == "cuda" and not ctx.enabled else "default"
 
 
+# Prediction compiles without CUDA graphs: in eval mode TinyViT (like LeViT and EfficientFormer) caches its attention
+# biases in the module, and a replay would reuse the memory of the cached tensor the previous call stored there.
+PREDICTION_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+
 class GraphSteps(nn.Module):
     """A model compiled with CUDA graphs, each call a new step of torch's CUDA graph trees
     (torch.compiler.cudagraph_mark_step_begin). A replay reuses the memory of the previous call's outputs, so they
-    are cloned (the logits: a few numbers an image): TTA keeps one view's outputs while the next view runs."""
+    are cloned (the logits: a few numbers an image) for whoever keeps them past the next call."""
 
     def __init__(self, compiled: nn.Module):
         super().__init__()
@@ -69,7 +74,7 @@ def prepare_model(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if compiles(cfg, device):
         mode = compile_mode(cfg, device, ctx)
-        return compile_model(train_model, mode), compile_model(model, mode)
+        return compile_model(train_model, mode), compile_model(model, PREDICTION_MODES.get(mode, mode))
     return train_model, model
 
 
