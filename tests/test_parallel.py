@@ -281,7 +281,7 @@ def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_
     assert run_cli("bench", "--experiment", "exp11", "--data", tiny_root, "--outputs", tmp_path, "--img-size", "32",
                    "--batch", "4", "--images", "8", "--steps", "1", "--warmup", "0", "--workers", "0") == 0
     assert "using the 'demo' profile" in capsys.readouterr().out  # no CUDA: the CPU demo profile, as everywhere
-    table = (tmp_path / "bench" / "tf_efficientnet_lite0-32-b4.md").read_text()
+    table = (tmp_path / "bench" / "exp11-tf_efficientnet_lite0-32-b4.md").read_text()
     for setting in ("decode every image, 0 workers (plain)", "jpg cache, warm", "npy cache, warm",
                     "npy cache at the transform's start, warm",
                     "npy cache at the transform's start, warm, pixel augmentations on the device",

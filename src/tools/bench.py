@@ -276,7 +276,7 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
         log("\n".join(projection))
     machine = machine_line(bench.device)
     log(f"machine: {machine}")
-    path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
+    path = outputs / "bench" / f"{cfg.name}-{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
     write_text("\n".join([f"# bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}",
                           "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", *limits,
                           "", *header, *(figure.row() for figure in bench.figures), *([""] + memory if memory else []),
