@@ -229,7 +229,8 @@ def loop_setting(cfg: ExperimentConfig, cache: Optional[ImageCache], device: tor
         return "no image cache"
     start = cfg.speed.train_cache == "transform_start" and train_start_side(cfg.augment, cfg.input.img_size)
     where = "at the transform's start" if start else "at the short side"
-    augment = ", pixel augmentations on the device" if cfg.speed.gpu_augment else ""
+    moved = cfg.speed.gpu_augment and (cfg.augment.strong or cfg.augment.extra_colour)
+    augment = ", pixel augmentations on the device" if moved else ""
     compiled = ", compiled" if compiles(cfg, device) else ""
     return f"{cfg.speed.image_cache} cache {where} warm{augment}{compiled}"
 
