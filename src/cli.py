@@ -146,7 +146,10 @@ def bench_arguments(command: argparse.ArgumentParser) -> None:
                          "machine, two on the CPU)")
     command.add_argument("--sections", default="pipeline,steps,loop,inference",
                          help="which figures: pipeline, steps (model alone), loop (real images), inference, memory "
-                         "(the training memory estimated on the CPU and the batch that fits 16/24/40/80 GB)")
+                         "(the training memory estimated on the CPU and the batch that fits 16/24/40/80 GB); loop "
+                         "and inference together add the projected wall time of a fold and of all folds")
+    command.add_argument("--epochs", type=int, help="epochs a fold is projected at (default: train.epochs, or 30 "
+                         "where early stopping decides)")
 
 
 def explain_arguments(command: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from src.data.device_input import InputStage
 from src.core.config import resolve_config
 from src.core.schema import ModelConfig
 from src.data.competition import DEFAULT_MAX_IMAGE_PIXELS, MAX_PIXELS_ENV, load_competition_data
@@ -334,11 +335,17 @@ def test_loss_that_is_not_finite_stops_training():
     model = tiny_model(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
-    batches = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(5)]
-    batches[3][0][0, 0, 0, 0] = float("nan")
+    batches = [(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1])) for _ in range(5)]
+
+    class NanAtStep3(InputStage):
+        def __call__(self, images, batch):
+            images = super().__call__(images, batch)
+            return images.fill_(float("nan")) if batch == 3 else images
+
     run = Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
                    scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                   Objective(torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none"), 3))
+                   Objective(torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none"), 3),
+                   inputs=NanAtStep3((0.5,) * 3, (0.5,) * 3))
     with pytest.raises(UserError, match=r"^exp00 fold 0 epoch 1: loss became nan at epoch 1 step 3 \(lr 2.50e-02\); "
                                         "lower optimizer.lr or check the data$"):
         train_one_epoch(run, 1, desc="exp00 fold 0 epoch 1")

@@ -183,3 +183,21 @@ def test_a_technique_source_enters_the_fingerprint():
     assert result_fingerprint(cfg, "data", {}) == base
     one, other = (result_fingerprint(cfg, "data", {"pseudo.from": teacher}) for teacher in ("a1", "b2"))
     assert len({base, one, other}) == 3
+
+
+def test_the_speed_keys_of_the_fast_input_path_change_the_fingerprint_only_where_they_change_what_is_learnt():
+    """train_cache (with an image cache and a crop that starts from a square) and gpu_augment (with pixel
+    augmentations to move) count; compile_mode and progress_seconds never do; at their defaults none is there."""
+    def fingerprint(name: str, *overrides: str) -> str:
+        return result_fingerprint(resolve_config(name, None, list(overrides))[0], "data")
+
+    exp07 = fingerprint("exp07")
+    for override in ("speed.train_cache=short_side", "speed.gpu_augment=false", "speed.compile_mode=max-autotune",
+                     "tracking.progress_seconds=5", "speed.train_cache=transform_start"):  # no cache: unused
+        no_cache = fingerprint("exp07", "speed.image_cache=none")
+        assert fingerprint("exp07", "speed.image_cache=none", override) == no_cache
+    assert fingerprint("exp07", "speed.train_cache=short_side", "speed.gpu_augment=false") == exp07
+    assert fingerprint("exp07", "speed.train_cache=transform_start") != exp07
+    assert fingerprint("exp07", "speed.gpu_augment=true") != exp07
+    assert fingerprint("exp21", "speed.gpu_augment=true") == fingerprint("exp21")  # a flip only: nothing to move
+    assert fingerprint("exp20", "speed.train_cache=transform_start") == fingerprint("exp20")  # rrc: no square

@@ -16,6 +16,7 @@ from src.core.errors import UserError
 from src.core.layout import read_saved
 from src.data.geometry import validation_set
 from src.tools.gpucheck import fresh_predictor
+from src.data.device_input import InputStage
 from src.data.loader import ImageDataset
 from src.model.networks import normalisation
 from src.model.prepare import prepare_model
@@ -190,10 +191,9 @@ def test_tta_and_ensemble_commands_end_to_end(finished_run, tmp_path, monkeypatc
     model = fresh_predictor(cfg, len(data.classes), torch.device("cpu"), finished_run["exp"] / "fold0" / "best.pt",
                             data.classes).network.eval()
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
-    dataset = ImageDataset(validation.paths, None, build_eval_transform(cfg, mean, std, test=True),
-                           boxes=validation.boxes)
+    dataset = ImageDataset(validation.paths, None, build_eval_transform(cfg, test=True), boxes=validation.boxes)
     with torch.no_grad():
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        images = InputStage(mean, std)(torch.stack([dataset[i][0] for i in range(len(dataset))]), 0)
         expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
     got = oof.set_index(["id", "crop"]).loc[list(zip(validation.ids, validation.crops)), data.classes]
     np.testing.assert_allclose(got.to_numpy(), expected.numpy(), atol=1e-5)

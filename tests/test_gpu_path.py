@@ -25,6 +25,7 @@ from src.tools.gpucheck import augmentation_batches, check_fold_predictions, fre
 from src.core.metrics import scores
 from src.training.optim import SAM, build_optimizer
 from src.core.runtime import autocast_dtype, precision_record
+from src.data.device_input import InputStage
 from src.training.loop import CHECK_EVERY, Training, build_training, train_one_epoch
 from src.training.objective import Objective
 
@@ -254,7 +255,12 @@ def tiny_training(cfg, batches, optimizer_name: str = "sgd") -> Training:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return Training(cfg, CPU, model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer, scheduler,
                     torch.amp.GradScaler("cpu", enabled=False),
-                    Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3))
+                    Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3),
+                    inputs=InputStage((0.5,) * 3, (0.5,) * 3))
+
+
+def uint8_images(*shape: int, generator=None) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
 
 
 @pytest.mark.slow
@@ -262,7 +268,7 @@ def test_the_loop_reads_its_losses_once_every_check_not_every_step(monkeypatch):
     cfg, _ = resolve_config("exp00", "demo")
     generator = torch.Generator().manual_seed(0)
     steps = 2 * CHECK_EVERY + 3
-    batches = [(torch.randn(4, 3, 2, 2, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+    batches = [(uint8_images(4, 3, 2, 2, generator=generator), torch.randint(0, 3, (4,), generator=generator))
                for _ in range(steps)]
     run = tiny_training(cfg, batches)
     reads = HostReads(monkeypatch)
@@ -275,7 +281,7 @@ def test_the_loop_reads_its_losses_once_every_check_not_every_step(monkeypatch):
 def test_an_epoch_of_a_whole_number_of_checks_ends_normally(steps):
     """The last in-loop check falls on the last step: nothing is left for the end-of-epoch check."""
     cfg, _ = resolve_config("exp00", "demo")
-    batches = [(torch.randn(2, 3, 2, 2), torch.zeros(2, dtype=torch.long)) for _ in range(steps)]
+    batches = [(uint8_images(2, 3, 2, 2), torch.zeros(2, dtype=torch.long)) for _ in range(steps)]
     stats = train_one_epoch(tiny_training(cfg, batches), 1, desc="loop")
     assert stats.images == 2 * steps and np.isfinite(stats.loss)
 
@@ -283,10 +289,10 @@ def test_an_epoch_of_a_whole_number_of_checks_ends_normally(steps):
 @pytest.mark.slow
 def test_the_epoch_loss_is_the_image_weighted_mean_of_the_step_losses():
     cfg, _ = resolve_config("exp00", "demo")
-    batches = [(torch.full((n, 3, 2, 2), float(n)), torch.zeros(n, dtype=torch.long)) for n in (1, 3)]
+    batches = [(torch.full((n, 3, 2, 2), 40 * n, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)) for n in (1, 3)]
     run = tiny_training(cfg, batches)
     run.optimizer.param_groups[0]["lr"] = 0.0  # the weights stay put, so the losses can be computed here
-    expected = [F.cross_entropy(run.model(x), y, reduction="sum").item() for x, y in batches]
+    expected = [F.cross_entropy(run.model(run.inputs(x, 0)), y, reduction="sum").item() for x, y in batches]
     assert train_one_epoch(run, 1, desc="loop").loss == pytest.approx(sum(expected) / 4, rel=1e-6)
 
 

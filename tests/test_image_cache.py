@@ -1,4 +1,5 @@
-"""The decoded-image cache: hits, misses, invalidation when the source changes, and identical pixels either way."""
+"""The decoded-image cache: hits, misses, invalidation when the source changes, identical pixels either way, and the
+squares the training transform starts from."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ import torch
 
 from src.core.config import resolve_config
 from src.data.images import read_image
-from src.data.image_cache import ImageCache, cache_for, needed_short_side, shrink
-from src.data.loader import ImageDataset, make_loader
+from src.data.image_cache import ImageCache, cache_for, needed_short_side, shrink, training_cache
+from src.data.loader import ImageDataset, make_loader, training_dataset
 
 
 def write_image(path, height: int, width: int, seed: int = 0) -> str:
@@ -127,3 +128,62 @@ def test_two_workers_filling_the_cache_at_once_give_what_no_workers_give_and_lea
     assert torch.equal(cold, serial) and torch.equal(warm, serial)
     entries = [p for p in (tmp_path / "parallel").rglob("*") if p.is_file()]
     assert len(entries) == 8 and not [p for p in entries if p.name.endswith(".tmp")]
+
+
+# --- the cache at the training transform's start (speed.train_cache=transform_start) -----------------------------
+
+def start_config(fmt: str, crop: str = "mimic", *overrides: str):
+    cfg, _ = resolve_config("exp07", None, ["input.img_size=24", f"augment.crop={crop}", "augment.mimic_scale=2.5",
+                                            "validation.mode=whole", f"speed.image_cache={fmt}",
+                                            "speed.train_cache=transform_start", *overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("fmt, tolerance", [("npy", 0), ("jpg", 2.0)])
+def test_a_square_entry_is_the_training_transforms_first_step_of_the_original(tmp_path, fmt, tolerance):
+    """What the uncached training transform starts with (its resize to the square) equals the cached item: exactly
+    as npy, within the JPEG round trip (mean absolute difference in grey levels) as jpg."""
+    from src.data.transforms import train_crop
+
+    coarse = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)  # colour fields, not noise
+    source = str(tmp_path / "painting.png")
+    cv2.imwrite(source, cv2.resize(coarse, (230, 170), interpolation=cv2.INTER_CUBIC))
+    cfg = start_config(fmt)
+    first_step = train_crop(cfg.augment, cfg.input.img_size)[0]
+    uncached = first_step(image=read_image(source))["image"]
+    cache = training_cache(cfg, cache_for(cfg, tmp_path))
+    cached = cache.load(source)
+    assert cached.shape == uncached.shape == (60, 60, 3) and cache.geometry == "60 x 60 px"
+    assert np.abs(cached.astype(float) - uncached).mean() <= tolerance
+    np.testing.assert_array_equal(cache.load(source), cached)  # a hit gives what the miss gave
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_the_training_images_from_a_square_npy_cache_are_those_of_no_cache(tiny_root, tmp_path):
+    """Every epoch's crops and flips of the transform that skips the first resize, on the cached squares, equal the
+    full transform's on the decoded originals, seed for seed: the cache changes no pixel."""
+    paths = sorted(str(p) for p in (tiny_root / "train").iterdir())[:5]
+    cfg = start_config("npy")
+    cached = training_dataset(cfg, paths, [0] * 5, cache_for(cfg, tmp_path), seed=0)
+    assert cached.cache.square == 60
+    plain = training_dataset(cfg, paths, [0] * 5, None, seed=0)
+    for key in [(i, seed) for i in range(5) for seed in (1, 2)] * 2:  # cold, then warm
+        assert torch.equal(cached[key][0], plain[key][0])
+    assert cached.cache.misses == 5 and cached.cache.hits == 15
+
+
+def test_the_geometry_is_part_of_the_key_and_rrc_keeps_the_short_side(tmp_path):
+    source = write_image(tmp_path / "painting.png", 200, 120)
+    squares = {side: ImageCache(tmp_path / "cache", 100, "npy", square=side) for side in (48, 64)}
+    short = ImageCache(tmp_path / "cache", 100, "npy")
+    assert len({squares[48].key(source), squares[64].key(source), short.key(source)}) == 3
+    assert squares[48].load(source).shape == (48, 48, 3) and squares[64].load(source).shape == (64, 64, 3)
+    assert short.load(source).shape == (167, 100, 3)
+    assert short.key(source) == ImageCache(tmp_path / "other", 100, "jpg").key(source)  # entries made before stay
+    for crop, side in (("random", 48), ("none", 24), ("mimic", 60)):
+        assert training_cache(start_config("jpg", crop, "augment.resize_scale=2.0"),
+                              short).square == side
+    rrc = start_config("jpg", "rrc")
+    assert training_cache(rrc, short) is short
+    assert training_cache(rrc.model_copy(update={"speed": rrc.speed.model_copy(update={"train_cache": "short_side"})}),
+                          short) is short

@@ -1,14 +1,21 @@
 """The training-memory estimate: bytes alive counted as by hand, the FakeTensor estimate of a ViT's step against what
-the CPU allocator allocates (with gradient checkpointing and without), the peak that moves with the batch, and the
-batch that fits a GPU's reported capacity."""
+the CPU allocator allocates (with gradient checkpointing and without), the peak that moves with the batch, the
+batch that fits a GPU's reported capacity, and CUDA's casting rules and attention kernels on the CPU."""
 from __future__ import annotations
+
+import contextlib
+import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.core.config import resolve_config
 from src.data.competition import load_competition_data
+from src.tools.cuda_rules import cuda_rules
 from src.tools.memory import (GIB, HEADROOM, Gpu, LiveBytes, MemoryEstimate, estimate, estimating_config, table)
 from src.training.loop import build_training, train_step
 
@@ -75,7 +82,7 @@ def test_the_estimate_of_a_vits_step_matches_what_the_cpu_allocator_allocates(ti
     cpu = torch.device("cpu")
     run = build_training(estimating_config(resolved(cfg, data), cpu), data.train, len(data.classes), cpu)
     assert run.cfg.train.amp_dtype == "bfloat16" and run.ema is not None
-    estimated = estimate(run)
+    estimated = estimate(run, cuda=False)  # what the CPU itself allocates, under its own autocast and kernels
     batch = 8
     images, labels = torch.randn(batch, 3, 224, 224), torch.zeros(batch, dtype=torch.long)
     train_step(run, images, labels)  # the first step makes AdamW's moments
@@ -120,3 +127,122 @@ def test_with_gradient_accumulation_the_table_gives_the_batch_as_micro_batches()
     rows = table(estimated, batch=8, multiple=2, gpus=(t4,), accumulate_steps=2)
     assert "at batch 8 (2 micro-batches of 4: the activations, and BatchNorm, are a micro-batch's)" in rows[0]
     assert rows[-1] == "| 16 GB (T4) | 14.56 GiB | 20 (2 x 10) |"
+
+
+# --- CUDA's rules on the CPU (src/tools/cuda_rules.py) ------------------------------------------------------------
+
+class OpDtypes(TorchDispatchMode):
+    """The name and output dtype of every operation that makes a tensor, but copies (where autocast's casts land
+    differs by device) and in-place restrides (the CPU's mean restrides its output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and func.__name__ not in ("_to_copy.default", "detach.default") \
+                and torch.Tag.inplace_view not in func.tags:
+            self.ops.append((func.__name__, first.dtype))
+        return out
+
+
+class ToFakeDevice(FakeCopyMode):
+    """deepcopy under this mode makes FakeTensors on `device` (FakeCopyMode keeps the source's device)."""
+
+    def __init__(self, mode: FakeTensorMode, device: torch.device):
+        super().__init__(mode)
+        self.device = device
+
+    def fake(self, tensor: torch.Tensor) -> torch.Tensor:
+        meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+        return self.fake_mode.fake_tensor_converter.from_meta_and_device(self.fake_mode, meta, self.device)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch._C.TensorBase.clone:
+            return func(self.fake(args[0]), **(kwargs or {}))
+        if func is torch.Tensor.__deepcopy__:
+            tensor, memo = args
+            memo.setdefault(id(tensor), self.fake(tensor).requires_grad_(tensor.requires_grad))
+            return memo[id(tensor)]
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def autocast_on(device_type: str):
+    """bfloat16 autocast on `device_type`, set directly: torch.autocast refuses "cuda" on a machine without one."""
+    before = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, True)
+    torch.set_autocast_dtype(device_type, torch.bfloat16)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device_type, before[0])
+        torch.set_autocast_dtype(device_type, before[1])
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+
+
+def forward_ops(model: torch.nn.Module, device: str, rules) -> list[tuple[str, torch.dtype]]:
+    mode = FakeTensorMode()
+    with ToFakeDevice(mode, torch.device(device)):
+        fake = copy.deepcopy(model)
+    recorded = OpDtypes()
+    with mode, autocast_on(device), rules(), recorded:
+        fake(torch.empty(2, 3, 64, 64, device=device))
+    return recorded.ops
+
+
+SMALL = {"vit_tiny_patch16_224": dict(img_size=64), "eva02_tiny_patch14_224": dict(img_size=64), "convnext_atto": {},
+         "tiny_vit_5m_224": dict(embed_dims=(16, 16, 32, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                 window_sizes=(2, 2, 2, 2))}
+
+
+@pytest.mark.parametrize("backbone", sorted(SMALL))
+def test_on_the_cpu_every_operation_of_a_forward_computes_in_the_dtype_cuda_autocast_gives_it(backbone, monkeypatch):
+    """The forward pass on FakeTensors of the GPU under CUDA's own autocast (a forward needs no GPU; only the backward
+    pass does) against the same forward on the CPU under CUDA's rules: operation by operation the same output dtypes,
+    where the CPU's own autocast differs (layer norm, softmax in bfloat16). Attention is unfused here, since without a
+    GPU a CUDA FakeTensor cannot pick its kernel; test_attention_takes_the_kernel_a_gpu_picks covers that."""
+    import timm
+    import timm.layers
+
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)
+    model = timm.create_model(backbone, pretrained=False, num_classes=5, **SMALL[backbone])
+    cuda = forward_ops(model, "cuda", contextlib.nullcontext)
+    assert forward_ops(model, "cpu", cuda_rules) == cuda
+    own = forward_ops(model, "cpu", contextlib.nullcontext)
+    assert own != cuda  # the CPU's own autocast computes some of them in another dtype
+
+
+def test_attention_takes_the_kernel_a_gpu_picks():
+    """Flash attention without a mask, the memory-efficient kernel with one (TinyViT's learnable biases), where the
+    CPU runs its flash kernel and, with a mask, the math kernel that keeps every attention matrix for the backward."""
+    with FakeTensorMode():
+        query = torch.empty(2, 4, 49, 32, requires_grad=True)
+        bias = torch.empty(4, 49, 49, requires_grad=True)
+        for mask, kernel in ((None, "_scaled_dot_product_flash_attention.default"),
+                             (bias, "_scaled_dot_product_efficient_attention.default")):
+            recorded = OpDtypes()
+            with torch.autocast("cpu", dtype=torch.bfloat16), cuda_rules(), recorded:
+                out = F.scaled_dot_product_attention(query, query, query, attn_mask=mask)
+            assert kernel in [name for name, _ in recorded.ops] and out.shape == (2, 4, 49, 32)
+            assert out.dtype == torch.bfloat16
+            out.sum().backward()
+        assert bias.grad.shape == bias.shape
+
+
+@pytest.mark.slow
+def test_the_cpu_estimate_of_exp07_is_what_the_estimator_gave_on_an_h200(tiny_root):
+    """Run on an H200 (torch 2.11, FACTS.md) the estimator put exp07 at 3.83 GiB at batch 16 (3.97 measured) and its
+    largest batch on 139.8 GiB at 543 (118.97 GiB measured there); the CPU, under its own rules, said 5.75 and 348."""
+    data = load_competition_data(tiny_root, log=lambda _: None)
+    cfg, _ = resolve_config("exp07", None, ["model.pretrained=false", "train.num_workers=0"])
+    cpu = torch.device("cpu")
+    run = build_training(estimating_config(resolved(cfg, data), cpu), data.train, len(data.classes), cpu)
+    estimated = estimate(run)
+    assert estimated.training_bytes(16) / GIB == pytest.approx(3.83, abs=0.005)
+    assert estimated.largest_batch(139.8 * GIB) == 543

@@ -281,8 +281,11 @@ def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_
     assert run_cli("bench", "--experiment", "exp11", "--data", tiny_root, "--outputs", tmp_path, "--img-size", "32",
                    "--batch", "4", "--images", "8", "--steps", "1", "--warmup", "0", "--workers", "0") == 0
     assert "using the 'demo' profile" in capsys.readouterr().out  # no CUDA: the CPU demo profile, as everywhere
-    table = (tmp_path / "bench" / "tf_efficientnet_lite0-32-b4.md").read_text()
+    table = (tmp_path / "bench" / "exp11-tf_efficientnet_lite0-32-b4.md").read_text()
     for setting in ("decode every image, 0 workers (plain)", "jpg cache, warm", "npy cache, warm",
+                    "npy cache at the transform's start, warm",
+                    "npy cache at the transform's start, warm, pixel augmentations on the device",
+                    "the device's share: normalise + pixel augmentations (speed.gpu_augment), on cpu",
                     "plain: fp32, NCHW, eager", "plain: fp32, decode every image", "TTA d4"):
         row = next(line for line in table.splitlines() if f"| {setting} |" in line)
         assert float(row.split("|")[3].replace(",", "")) > 0, row
@@ -292,3 +295,25 @@ def test_bench_times_the_trainers_own_epoch_and_writes_its_table(tiny_root, tmp_
     assert all(run.objective.cutmix is not None and isinstance(run.loader.sampler.order, WeightedRandomSampler)
                and isinstance(run.objective.criterion, FocalLoss) for run in epochs)
     assert "machine:" in table and not list(tmp_path.glob("bench-cache-*"))
+    assert "projected wall time of exp11 at 4 epochs (train.epochs, or fewer by early stopping)" in table
+    assert "| at hand: 47 paintings, 26 test images |" in table and "| the competition's: 5,911 paintings" in table
+
+
+def test_the_projection_adds_epochs_of_training_and_validation_the_test_pass_and_compiling():
+    """exp21's fold at the real budget (30 epochs, patience 0) from rates picked by hand: 5,911 paintings in 5 folds
+    hold out 1,183, train on 4,728 (147 full batches of 32: 4,704 images an epoch) and validate on 4 crops of each."""
+    from src.tools.projection import FoldWork, projection_lines
+
+    cfg, _ = resolve_config("exp21", None, ["train.batch_size=32"])
+    work = FoldWork.of(cfg, 5911, 12670)
+    assert (work.train, work.validation, work.test) == (4704, 4732, 12670)
+    lines = projection_lines(cfg, 311, 202, train_rate=1000.0, predict_rate=4000.0, compile_seconds=60.0)
+    epoch = 4704 / 1000 + 4732 / 4000
+    fold = 30 * epoch + 12670 / 4000 + 60
+    assert (epoch, fold) == (pytest.approx(5.887), pytest.approx(239.7775))
+    assert "| the competition's: 5,911 paintings, 12,670 test images | 4,704 / 4,732 / 12,670 | 6s | 4.0 min | " \
+           "20.0 min |" in lines
+    assert lines[0].startswith("projected wall time of exp21 at 30 epochs (train.epochs), batch 32")
+    early = resolve_config("exp07", None)[0]
+    assert "at 30 epochs (early stopping decides; 30 assumed" in projection_lines(early, 311, 202, 1.0, 1.0, 0.0)[0]
+    assert "at 12 epochs (--epochs)" in projection_lines(early, 311, 202, 1.0, 1.0, 0.0, epochs=12)[0]

@@ -291,6 +291,7 @@ def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cp
 
     from src.core.schema import ExperimentConfig
     from src.data.competition import load_test_set
+    from src.data.device_input import DeviceBatches, InputStage
     from src.inference.probabilities import predict_probs
     from src.data.loader import ImageDataset, make_loader
     from src.model.checkpoints import load_checkpoint
@@ -317,9 +318,11 @@ def test_the_half_precision_check_computes_in_float32_as_the_bundle_does_on_a_cp
                                    for k, v in model.state_dict().items()})
             mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
             paths = test.images["path"].head(export.FP16_CHECK_IMAGES)
-            loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=True)), 64, 0,
-                                 torch.device("cpu"), train=False)
-            per_fold.append(predict_probs(model, loader, torch.device("cpu"), autocast, "bfloat16")[0])
+            cpu = torch.device("cpu")
+            loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, test=True)), 64, 0, cpu,
+                                 train=False)
+            per_fold.append(predict_probs(model, DeviceBatches(loader, cpu, InputStage(mean, std)), autocast,
+                                          "bfloat16")[0])
         return np.mean(np.asarray(per_fold, dtype=np.float64), axis=0)
 
     in_float32 = float(np.abs(fold_average(torch.float32, False) - fold_average(torch.float16, False)).max())

@@ -128,7 +128,7 @@ def test_training_crops_cover_the_test_share_and_distort_like_a_test_crop_at_eve
 def test_the_centre_crop_of_whole_painting_validation_under_mimic_follows_the_same_rule(aspect):
     cfg = real("exp21")
     cfg = cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"mode": "whole"})})
-    pipeline = build_eval_transform(cfg, (0.0,) * 3, (1 / 255,) * 3)  # this normalisation keeps the pixel values
+    pipeline = build_eval_transform(cfg)  # uint8 pixel values
     share, crop_aspect = covered(coordinate_painting(aspect), pipeline)
     assert share == pytest.approx(1 / cfg.augment.mimic_scale ** 2, abs=0.02)
     assert crop_aspect == pytest.approx(aspect, rel=0.05)

@@ -26,8 +26,6 @@ from src.pipeline.run import fold_status
 
 from .conftest import TINY_RUN, run_cli
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def copy_run(finished_run, tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the session's finished exp00 (outputs and submissions) that a test may change."""

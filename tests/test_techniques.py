@@ -296,8 +296,7 @@ def test_every_augmentation_pipeline_builds_strictly_and_yields_the_input_size(n
     cfg: ExperimentConfig = resolve_for_data(resolve_config(name, profile)[0], CropGeometry(0.25, 0.2, 0.3, 1, 1))
     size = cfg.input.img_size
     rng = np.random.default_rng(0)
-    pipelines = [build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0), build_eval_transform(cfg, (0.5,) * 3,
-                 (0.5,) * 3), build_eval_transform(cfg, (0.5,) * 3, (0.5,) * 3, test=True)]
+    pipelines = [build_train_transform(cfg, seed=0), build_eval_transform(cfg), build_eval_transform(cfg, test=True)]
     for pipeline in pipelines:
         assert pipeline.strict
         for shape in ((150, 100, 3), (90, 260, 3)):
@@ -328,7 +327,7 @@ def test_every_transform_of_a_training_pipeline_draws_from_one_shared_stream():
     """Compose(seed=...) seeds each transform's own generator alike (albumentations 2.0.8), so two flips at p=0.5
     would always fire together; reseed() shares one stream, and the four outcomes come out a quarter each."""
     cfg, _ = resolve_config("exp02", "demo")
-    pipeline = build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0)
+    pipeline = build_train_transform(cfg, seed=0)
     assert all(t.py_random is pipeline.py_random and t.random_generator is pipeline.random_generator
                for t in pipeline.transforms)
     flips = A.Compose([A.HorizontalFlip(p=0.5, strict=True), A.VerticalFlip(p=0.5, strict=True)], strict=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from src.data.device_input import InputStage
 from src.core.config import resolve_config
 from src.data.competition import load_competition_data
 from src.data.geometry import crop_image, measure_test_geometry, resolve_for_data, validation_crops, validation_set
@@ -146,7 +147,7 @@ def test_the_bootstrap_resamples_whole_paintings_when_rows_are_crops():
 def test_random_resized_crop_is_albumentations_with_the_configured_scale_and_ratio():
     cfg, _ = resolve_config("exp00", overrides=["augment.crop=rrc", "augment.rrc_scale=[0.3,0.9]",
                                                 "augment.hflip=true", "input.img_size=32"])
-    pipeline = build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=0)
+    pipeline = build_train_transform(cfg, seed=0)
     crop = pipeline.transforms[0]
     assert isinstance(crop, A.RandomResizedCrop) and crop.scale == (0.3, 0.9) and crop.ratio == pytest.approx(
         (3 / 4, 4 / 3))
@@ -163,7 +164,7 @@ def tiny_training(cfg, batches) -> Training:
     return Training(cfg, torch.device("cpu"), model, model, model, (0.5,) * 3, (0.5,) * 3, 0, batches, optimizer,
                     scheduler, torch.amp.GradScaler("cpu", enabled=False),
                     Objective(nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="none"), 3), average,
-                    average.module)
+                    average.module, InputStage((0.5,) * 3, (0.5,) * 3))
 
 
 @pytest.mark.slow
@@ -172,8 +173,8 @@ def test_the_ema_follows_its_recurrence_with_warm_up(monkeypatch):
     warm-up d_t = min(decay, 1 - 1/t) (0 at the first step, so it starts at the first step's weights)."""
     cfg, _ = resolve_config("exp00", "demo", ["train.ema_decay=0.9"])
     generator = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 2, 2, generator=generator), torch.randint(0, 3, (4,), generator=generator))
-               for _ in range(15)]  # the decay 0.9 is reached at step 10
+    batches = [(torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8, generator=generator),
+                torch.randint(0, 3, (4,), generator=generator)) for _ in range(15)]  # the decay 0.9: step 10 on
     run = tiny_training(cfg, batches)
     weights = []
     monkeypatch.setattr(run.scheduler, "step", lambda *a, wrapped=run.scheduler.step: (

@@ -46,7 +46,10 @@ BEHAVIOUR_CHANGES = {
 DEPENDENT_KEYS = (("validation.", lambda flat: flat["validation.mode"] == "crops"),
                   ("augment.rrc_", lambda flat: flat["augment.crop"] == "rrc"),
                   ("train.ema_warmup", _ema_on),
-                  ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None))
+                  ("scheduler.warmup_steps", lambda flat: flat["scheduler.warmup_epochs"] is None),
+                  ("speed.train_cache",
+                   lambda flat: flat["speed.image_cache"] != "none" and flat["augment.crop"] != "rrc"),
+                  ("speed.gpu_augment", lambda flat: flat["augment.strong"] or flat["augment.extra_colour"]))
 
 
 def _read_yaml(path: Path) -> dict:

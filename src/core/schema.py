@@ -241,8 +241,8 @@ class DistillConfig(_Strict):
 
 
 class SpeedConfig(_Strict):
-    """How fast a run goes. All but image_cache leave what a fold learns unchanged (up to float rounding), so
-    finished folds stay valid when they change; the GPU switches are ignored on the CPU."""
+    """How fast a run goes. All but image_cache, train_cache and gpu_augment leave what a fold learns unchanged (up
+    to float rounding), so finished folds stay valid when they change; the GPU switches are ignored on the CPU."""
     channels_last: bool = not_result(True, description="NHWC memory layout on CUDA: faster convolutions under AMP")
     compile: bool = not_result(
         False, description="torch.compile the model on CUDA (compiles for a minute or two per fold, then faster steps; "
@@ -257,6 +257,22 @@ class SpeedConfig(_Strict):
         "jpg", neutral="none", description="decode each image once, shrunk to the short side the transforms need (2x "
         "the input size or more), and reuse it: jpg (quality 95, small files) or npy (raw pixels, fastest, large)")
     cache_dir: Optional[str] = not_result(None, description="where cached images go; null = OUTPUTS/cache/images")
+    train_cache: Literal["short_side", "transform_start"] = result_neutral(
+        "short_side", description="how the image cache keeps training images: short_side, as evaluation images "
+        "(shrunk to the short side the transforms need), resized again by the worker for every draw; "
+        "transform_start, at the geometry the training transform starts from (crop random and mimic: the squashed "
+        "square; none: the input square; rrc keeps the short side), so a worker only crops, flips and copies. "
+        "Changes what a fold learns, slightly: one resize from the original instead of two (with npy the pixels "
+        "are those of no cache)")
+    gpu_augment: bool = result_neutral(
+        False, description="run the pixel augmentations of augment.strong and augment.extra_colour (affine, colour, "
+        "channel shuffle, coarse dropout) on the device, batched with per-image random parameters (kornia), after the "
+        "workers' crop and flips: the same distributions as the CPU path, other random draws, so it changes what a "
+        "fold learns (not augment.single)")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = \
+        not_result("auto", description="torch.compile's mode for training under speed.compile; auto: reduce-overhead "
+                   "(CUDA graphs) in a single training process on CUDA, default under DDP; prediction compiles in the "
+                   "mode without CUDA graphs (TinyViT caches tensors in eval mode)")
 
 
 class InferenceConfig(_Strict):
@@ -279,6 +295,9 @@ class FrozenConfig(_Strict):
 class TrackingConfig(_Strict):
     """Where a run's metrics go besides history.csv (src/pipeline/tracking.py); none of it changes what a fold
     learns."""
+    progress_seconds: float = Field(30.0, ge=0, description="when stderr is not a terminal (a log file, SLURM, a "
+                                    "notebook), a progress line on stdout every this many seconds of training or "
+                                    "predicting, with images/s and the input pipeline's share of the time; 0: none")
     tensorboard: bool = Field(True, description="event files under OUTPUTS/EXP/tb/fold{k} (bash run.sh board)")
     wandb: bool = Field(False, description="one Weights & Biases run per experiment (package wandb)")
     wandb_project: str = "artist-classification"

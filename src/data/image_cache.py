@@ -1,11 +1,14 @@
-"""Decode each image once: a disk cache of images shrunk to the short side the transforms need.
+"""Decode each image once: a disk cache of images shrunk to the short side the transforms need, or squashed to the
+square the training transform starts from.
 
 The competition's paintings are up to about 2,000 px on a side and decoding them every epoch starves a GPU.
-An entry is keyed by the source's absolute path, byte size and modification time and by the target short side,
-so a changed source file is decoded again and every experiment with the same input size shares the entries.
-Images already small enough are not copied: a marker file records that the original is read as it is.
-A miss returns exactly what a later hit will load (the JPEG is decoded back), so results do not depend on
-whether the cache was warm.
+An entry is keyed by the source's absolute path, byte size and modification time and by its geometry (the target
+short side, or the square's side), so a changed source file is decoded again and every experiment with the same
+geometry shares the entries. Under the short side, images already small enough are not copied: a marker file
+records that the original is read as it is. A square entry is what the training transform's first step makes of
+the original (`square_resize`): with npy exactly, with jpg up to the JPEG round trip; the worker then only crops,
+flips and copies, and the files stay in the operating system's page cache (RAM) once read. A miss returns exactly
+what a later hit will load (the JPEG is decoded back), so results do not depend on whether the cache was warm.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 from ..core.files import write_bytes
 from ..core.schema import ExperimentConfig
 from .images import read_image
+from .transforms import square_resize, train_start_side
 
 CACHE_VERSION = 1
 JPEG_QUALITY = 95
@@ -51,21 +55,31 @@ def shrink(image: np.ndarray, short_side: int) -> np.ndarray:
 
 
 class ImageCache:
-    """`load(path)` gives the RGB image shrunk to `short_side`, from the cache when it can. Counts hits and misses
-    (per process: each DataLoader worker counts its own)."""
+    """`load(path)` gives the RGB image shrunk to `short_side`, or squashed to `square` x `square` when that is set,
+    from the cache when it can. Counts hits and misses (per process: each DataLoader worker counts its own)."""
 
-    def __init__(self, directory: str | os.PathLike, short_side: int, fmt: str = "jpg"):
+    def __init__(self, directory: str | os.PathLike, short_side: int, fmt: str = "jpg", square: int | None = None):
         if fmt not in ("jpg", "npy"):
             raise ValueError(f"image cache format must be jpg or npy, got {fmt!r}")
         self.directory = Path(directory)
         self.short_side = short_side
         self.fmt = fmt
+        self.square = square
         self.hits = 0
         self.misses = 0
 
+    def at_square(self, side: int) -> ImageCache:
+        """The same cache (folder, format) holding images squashed to side x side."""
+        return ImageCache(self.directory, self.short_side, self.fmt, square=side)
+
+    @property
+    def geometry(self) -> str:
+        return f"{self.square} x {self.square} px" if self.square else f"short side {self.short_side}px"
+
     def key(self, path: str) -> str:
         stat = os.stat(path)
-        source = f"{CACHE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.short_side}"
+        geometry = f"square {self.square}" if self.square else f"{self.short_side}"
+        source = f"{CACHE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{geometry}"
         return hashlib.sha1(source.encode()).hexdigest()
 
     def _entry(self, key: str, suffix: str) -> Path:
@@ -106,6 +120,8 @@ class ImageCache:
             return image
         self.misses += 1
         original = read_image(path)
+        if self.square:
+            return self._store(key, square_resize(self.square)(image=original)["image"])
         image = shrink(original, self.short_side)
         if image is original:
             write_bytes(b"", self._entry(key, SMALL_MARKER))
@@ -125,3 +141,12 @@ def cache_for(cfg: ExperimentConfig, outputs: Path) -> ImageCache | None:
         return None
     directory = Path(cfg.speed.cache_dir) if cfg.speed.cache_dir else outputs / "cache" / "images"
     return ImageCache(directory, needed_short_side(cfg), cfg.speed.image_cache)
+
+
+def training_cache(cfg: ExperimentConfig, cache: ImageCache | None) -> ImageCache | None:
+    """The cache training images are read through: `cache` itself, or under speed.train_cache=transform_start the
+    same cache at the square the training transform starts from (crop rrc has none: `cache`)."""
+    side = train_start_side(cfg.augment, cfg.input.img_size)
+    if cache is None or cfg.speed.train_cache == "short_side" or side is None:
+        return cache
+    return cache.at_square(side)

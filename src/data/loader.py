@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from ..core.schema import ExperimentConfig
 from .images import read_image
 from .geometry import crop_image
+from .image_cache import ImageCache, training_cache
 from .sampler import EpochSampler
-from .transforms import reseed
+from .transforms import build_train_transform, reseed
 
 
 class ImageDataset:
@@ -47,6 +49,15 @@ class ImageDataset:
         if self.boxes is not None:
             image = crop_image(image, self.boxes[index])
         return self.transform(image=image)["image"], self.labels[index]
+
+
+def training_dataset(cfg: ExperimentConfig, paths: list[str], labels: list[int], cache: Optional[ImageCache],
+                     seed: int) -> ImageDataset:
+    """The training images as the trainer reads them: through training_cache(cfg, cache), with a transform that
+    leaves out the first resize when the cache has made it."""
+    cache = training_cache(cfg, cache)
+    resized = cache is not None and cache.square is not None
+    return ImageDataset(paths, labels, build_train_transform(cfg, seed, resized), cache=cache)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ light augmentation only, never cropped again (a crop-mimic of a quarter-painting
 Per-row targets a technique adds travel with each image to the training objective (src/training/objective.py):
 "soft" (N, C) target distributions, "weight" (N,) loss weights, and whatever a loss term reads ("teacher" (N, C)).
 A set without them yields (image, class index) items, as it always did; with them, (image, {"label": ..., key: row}).
+A set with crops also marks its paintings (PAINTING), the rows the device augments under speed.gpu_augment
+(src/data/device_input.py takes the mark off the batch): a crop gets the crop's light augmentation alone there too.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pandas as pd
 from .loader import ImageDataset
 
 ROW_COLUMNS = ["id", "path", "label"]
+PAINTING = "painting"  # an item's mark: a painting (True), or an added test crop (False)
 
 
 def _defaults(key: str, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -61,9 +64,9 @@ class TrainingSet:
                 raise ValueError(f"target '{key}' has {len(value)} rows for {len(self)}")
         return replace(self, targets={**self.targets, **{k: v.astype(np.float32) for k, v in targets.items()}})
 
-    def dataset(self, painting_transform: Callable, crop_transform: Callable, cache=None):
-        """The paintings' images under `painting_transform`, then the crops' under `crop_transform`."""
-        paintings = ImageDataset(self.paintings["path"], self.paintings["label"], painting_transform, cache=cache)
+    def dataset(self, paintings: ImageDataset, crop_transform: Callable, cache=None):
+        """`paintings`, the paintings' images as the trainer reads them (src/data/loader.py's training_dataset), then
+        the crops' under `crop_transform`, read through `cache` (the evaluation geometry's: a crop is a test image)."""
         if self.crops.empty and not self.targets:
             return paintings
         crops = ImageDataset(self.crops["path"], self.crops["label"], crop_transform, cache=cache)
@@ -71,13 +74,15 @@ class TrainingSet:
 
 
 class TrainingDataset:
-    """Several ImageDatasets read as one (keys as ImageDataset's: a row index, or (row index, augmentation seed));
-    each item's label becomes a dict with the row's targets when there are any."""
+    """The paintings' and the crops' ImageDatasets read as one (keys as ImageDataset's: a row index, or (row index,
+    augmentation seed)); each item's label becomes a dict with the row's targets when there are any, and with the
+    PAINTING mark when there are crops."""
 
     def __init__(self, parts: list[ImageDataset], targets: dict[str, np.ndarray]):
         self.parts = parts
         self.starts = np.cumsum([0] + [len(part) for part in parts])
         self.targets = targets
+        self.marks = len(parts[1]) > 0
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -87,7 +92,8 @@ class TrainingDataset:
         part = int(np.searchsorted(self.starts, index, side="right")) - 1
         local = int(index - self.starts[part])
         image, label = self.parts[part][(local, seed) if seed is not None else local]
-        if not self.targets:
+        if not self.targets and not self.marks:
             return image, label
-        return image, {"label": label, **{key: value[index] for key, value in self.targets.items()}}
+        mark = {PAINTING: part == 0} if self.marks else {}
+        return image, {"label": label, **{key: value[index] for key, value in self.targets.items()}, **mark}
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -26,6 +25,7 @@ import pandas as pd
 
 from ..core.errors import UserError
 from ..core.files import write_csv, write_json
+from ..core.runtime import available_cores
 from ..data.competition import DEMO_MARKER
 from .painting import pixels, render_painting
 from .styles import ARTIST_COUNTS, ARTIST_FACTS, CROP_STREAM, ORDER_STREAM, artist_style, stream_rng
@@ -159,7 +159,7 @@ def generate_demo_dataset(root, seed: int = 0, scale: float = 0.1, min_per_artis
                              painting_height=height, x=x, y=y, width=w, height=h))
         return rows
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:  # numpy and OpenCV release the GIL: a core each
         crop_rows = [row for rows in pool.map(make_test, sorted(crops_of)) for row in rows]
         list(pool.map(make_train, train_paintings))
 

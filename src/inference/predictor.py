@@ -9,6 +9,7 @@ the same prepared network, so a compiled model compiles once.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,14 +18,15 @@ import torch
 from torch import nn
 
 from ..core.distributed import SINGLE_PROCESS, DistContext, all_gather, gather_shards, shard, sync_buffers
-from ..core.runtime import autocast, to_device, worker_count
+from ..core.runtime import autocast, worker_count
 from ..core.schema import ExperimentConfig
+from ..data.device_input import DeviceBatches, InputStage
 from ..data.image_cache import ImageCache
 from ..data.loader import ImageDataset, make_loader
 from ..data.transforms import build_eval_transform
 from ..model.checkpoints import cast_floating, drop_eval_caches, load_checkpoint, load_weights
 from ..model.networks import build_model, normalisation
-from ..model.prepare import prepare_model, uses_channels_last
+from ..model.prepare import compiles, prepare_model, uses_channels_last
 from .probabilities import predict_probs
 from .tta import with_tta
 
@@ -35,9 +37,12 @@ class Predictor:
         """`model` predicts (prepared, maybe behind TTA); `network` is the ArtistClassifier whose parameters it
         uses, into which `load` puts other weights."""
         self.cfg, self.model, self.network, self.device, self.cache, self.ctx = cfg, model, network, device, cache, ctx
-        self.mean, self.std = normalisation(network.backbone, cfg.input.mean, cfg.input.std)
+        mean, std = normalisation(network.backbone, cfg.input.mean, cfg.input.std)
+        self.inputs = InputStage(mean, std, channels_last=uses_channels_last(cfg, device))
         self.workers = worker_count(cfg.train.num_workers, device) if workers is None else workers
-        self.channels_last = uses_channels_last(cfg, device)
+        # a compiled model sees one batch shape: the last batch is padded to it
+        self.pad_to = cfg.inference.batch_size if compiles(cfg, device) else None
+        self.first_pass_seconds: Optional[float] = None  # of a compiled model: it compiles then
 
     @classmethod
     def for_checkpoints(cls, cfg: ExperimentConfig, n_classes: int, device: torch.device, tta: str = "none",
@@ -60,8 +65,7 @@ class Predictor:
                 labels: Optional[Sequence[int]] = None) -> ImageDataset:
         """Images resized whole (test=True: test crops, and validation crops cut by `boxes`) or whole validation
         paintings under the config's validation transform (test=False)."""
-        return ImageDataset(paths, labels, build_eval_transform(self.cfg, self.mean, self.std, test=test),
-                            cache=self.cache, boxes=boxes)
+        return ImageDataset(paths, labels, build_eval_transform(self.cfg, test=test), cache=self.cache, boxes=boxes)
 
     def loader(self, dataset: ImageDataset):
         """A loader over this rank's shard of `dataset` (all of it without DDP); keep it to predict every epoch."""
@@ -74,8 +78,12 @@ class Predictor:
         """Probabilities for every row of the loader's whole dataset, in order, gathered from the ranks' shards;
         with `criterion`, the mean loss over all rows too (the dataset must hold labels)."""
         sync_buffers(self.ctx, self.model)
-        probs, loss = predict_probs(self.model, loader, self.device, self.cfg.train.amp, self.cfg.train.amp_dtype,
-                                    criterion=criterion, desc=desc, channels_last=self.channels_last)
+        started = time.perf_counter()
+        probs, loss = predict_probs(self.model, DeviceBatches(loader, self.device, self.inputs), self.cfg.train.amp,
+                                    self.cfg.train.amp_dtype, criterion=criterion, desc=desc, pad_to=self.pad_to,
+                                    progress_seconds=self.cfg.tracking.progress_seconds)
+        if self.pad_to is not None and self.first_pass_seconds is None:
+            self.first_pass_seconds = time.perf_counter() - started
         if criterion is not None:
             totals = all_gather(self.ctx, (loss * len(probs), len(probs)))
             loss = sum(total for total, _ in totals) / sum(count for _, count in totals)
@@ -88,8 +96,8 @@ class Predictor:
 
     @torch.no_grad()
     def batch(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's outputs for one batch already on the device, under the config's autocast (bench)."""
+        """The model's outputs for one uint8 batch already on the device, under the config's autocast (bench)."""
         drop_eval_caches(self.model)
         self.model.eval()
         with autocast(self.device, self.cfg.train.amp, self.cfg.train.amp_dtype):
-            return self.model(to_device(images, self.device, self.channels_last))
+            return self.model(self.inputs(images, 0))

@@ -2,42 +2,55 @@
 of a loader."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from ..core.runtime import autocast, to_device
+from ..core.progress import StepProgress
+from ..core.runtime import autocast
+from ..data.device_input import DeviceBatches
 from ..model.checkpoints import drop_eval_caches
 
 
+def padded(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """`images` with zero images appended up to `size` (a compiled model's one batch shape), or as they are."""
+    missing = (size or 0) - len(images)
+    if missing <= 0:
+        return images
+    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+    full = torch.cat([images, images.new_zeros((missing, *images.shape[1:]))])
+    return full.contiguous(memory_format=torch.channels_last) if channels_last else full
+
+
 @torch.no_grad()  # on a generator, torch disables gradients only while it runs
-def _outputs(model: nn.Module, loader, device: torch.device, amp: bool, amp_dtype: str, desc: str,
-             channels_last: bool = False):
-    """(float32 outputs, labels) per batch of the loader, in order, from the model's current weights (caches that
-    eval mode derived from earlier weights are dropped first)."""
+def _outputs(model: nn.Module, batches: DeviceBatches, amp: bool, amp_dtype: str, desc: str,
+             pad_to: Optional[int] = None, progress_seconds: float = 0.0):
+    """(float32 outputs, labels) per batch, in order, from the model's current weights (caches that eval mode
+    derived from earlier weights are dropped first). With `pad_to`, every batch reaches the model at that size."""
     drop_eval_caches(model)
     model.eval()
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        images = to_device(images, device, channels_last)
-        with autocast(device, amp, amp_dtype):
-            outputs = model(images)
+    progress = StepProgress(len(batches), desc, progress_seconds)
+    for images, labels in batches:
+        with autocast(batches.device, amp, amp_dtype):
+            outputs = model(padded(images, pad_to))[:len(images)]
+        progress.update(len(images), batches.waited)
         yield outputs.float(), labels
+    progress.close()
 
 
-def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
-                  criterion: nn.Module | None = None, desc: str = "predict",
-                  channels_last: bool = False) -> tuple[np.ndarray, float | None]:
+def predict_probs(model: nn.Module, batches: DeviceBatches, amp: bool = True, amp_dtype: str = "auto",
+                  criterion: nn.Module | None = None, desc: str = "predict", pad_to: Optional[int] = None,
+                  progress_seconds: float = 0.0) -> tuple[np.ndarray, float | None]:
     """Probabilities in loader order, and the mean loss when a criterion is given (labels must be known). Both stay
     on the device until the last batch, so the host does not wait for the GPU after every batch."""
+    device = batches.device
     probs, total_loss, seen = [], torch.zeros((), device=device), 0
-    for logits, labels in _outputs(model, loader, device, amp, amp_dtype, desc, channels_last):
+    for logits, labels in _outputs(model, batches, amp, amp_dtype, desc, pad_to, progress_seconds):
         if criterion is not None:
-            labels = labels.to(device, non_blocking=True)
             total_loss += criterion(logits, labels) * len(logits)
             seen += len(logits)
         probs.append(torch.softmax(logits, dim=1))
@@ -45,11 +58,11 @@ def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = Tr
     return torch.cat(probs).cpu().numpy(), loss
 
 
-def predict_features(backbone: nn.Module, loader, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
-                     desc: str = "features") -> np.ndarray:
+def predict_features(backbone: nn.Module, batches: DeviceBatches, amp: bool = True, amp_dtype: str = "auto",
+                     desc: str = "features", progress_seconds: float = 0.0) -> np.ndarray:
     """The backbone's pooled features (float32) in loader order."""
     return np.concatenate([features.cpu().numpy() for features, _ in
-                           _outputs(backbone, loader, device, amp, amp_dtype, desc)])
+                           _outputs(backbone, batches, amp, amp_dtype, desc, progress_seconds=progress_seconds)])
 
 
 def probs_frame(ids, probs: np.ndarray, classes: list[str], crops=None) -> pd.DataFrame:

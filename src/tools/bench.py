@@ -22,7 +22,6 @@ import platform
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,93 +29,25 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..core.distributed import SINGLE_PROCESS
 from ..core.errors import UserError
 from ..core.files import write_text
 from ..core.runtime import autocast_dtype, available_cores, select_device, synchronize, to_device, worker_count
 from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData
 from ..data.image_cache import ImageCache, needed_short_side
-from ..data.loader import ImageDataset, make_loader
-from ..data.transforms import build_train_transform
+from ..data.transforms import train_start_side
 from ..inference.predictor import Predictor
 from ..inference.tta import with_tta
 from ..model.networks import build_model, normalisation
-from ..model.prepare import uses_channels_last
+from ..model.prepare import compile_mode, compiles, is_compiled, uses_channels_last
 from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
+from .bench_common import Figure, images_per_second, no_download, peak_gib, plain, reset_peak, waiting, with_speed
+from .bench_input import input_pipeline
 from .flops import Peak, StepFlops, datasheet_peak, device_name, measured_peak, step_flops, utilisation
 from .memory import GPUS, estimate, estimating_config, this_gpu
 from .memory import table as memory_table
-
-
-@dataclass
-class Figure:
-    section: str
-    setting: str
-    images_per_s: Optional[float]
-    baseline: Optional[float] = None
-    peak_gib: Optional[float] = None
-    note: str = ""
-
-    def row(self) -> str:
-        rate = f"{self.images_per_s:,.1f}" if self.images_per_s is not None else "-"
-        speedup = f"{self.images_per_s / self.baseline:.2f}x" if self.images_per_s and self.baseline else ""
-        memory = f"{self.peak_gib:.2f}" if self.peak_gib is not None else ""
-        return f"| {self.section} | {self.setting} | {rate} | {speedup} | {memory} | {self.note} |"
-
-
-def images_per_second(run: Callable[[], int], device: torch.device) -> float:
-    """Run `run` (which returns the number of images it handled) and time it, waiting for the GPU."""
-    synchronize(device)
-    started = time.perf_counter()
-    count = run()
-    synchronize(device)
-    return count / (time.perf_counter() - started)
-
-
-def peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def with_speed(cfg: ExperimentConfig, amp: bool, **speed) -> ExperimentConfig:
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"amp": amp}),
-                                  "speed": cfg.speed.model_copy(update=speed)})
-
-
-def no_download(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Random weights: speed does not depend on them, and nothing is downloaded."""
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
-
-
-def waiting(stats: EpochStats) -> str:
-    return f"input pipeline: {100 * stats.data_seconds / stats.seconds:.0f}% of the time" if stats.seconds else ""
-
-
-def plain(cfg: ExperimentConfig) -> ExperimentConfig:
-    """fp32, NCHW, no cudnn benchmark, eager, no cache, no pinned memory, workers restarted every epoch."""
-    return with_speed(cfg, amp=False, channels_last=False, cudnn_benchmark=False, compile=False,
-                      image_cache="none", pin_memory=False, persistent_workers=False)
-
-
-def loader_rate(dataset, cfg: ExperimentConfig, workers: int, device: torch.device, epochs: int = 1,
-                opencv_threads: Optional[int] = 1) -> float:
-    loader = make_loader(dataset, cfg.train.batch_size, workers, device, train=True, seed=0,
-                         pin_memory=cfg.speed.pin_memory, persistent_workers=cfg.speed.persistent_workers,
-                         worker_opencv_threads=opencv_threads)
-
-    def run() -> int:
-        count = 0
-        for _ in range(epochs):
-            for images, _labels in loader:
-                count += len(images)
-        return count
-
-    return images_per_second(run, device)
+from .projection import projection_lines
 
 
 class Bench:
@@ -133,62 +64,12 @@ class Bench:
         self.mean, self.std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
         self.cuda_only = "CUDA only" if self.device.type != "cuda" else ""
         self.peaks: dict[torch.dtype, Peak] = {}
+        self.rates: dict[str, float] = {}  # what the projection reads: training, prediction, compile seconds
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
         self.log(figure.row())
         return figure
-
-    def dataset(self, cache: Optional[ImageCache]) -> ImageDataset:
-        transform = build_train_transform(self.cfg, self.mean, self.std, seed=0)
-        return ImageDataset(self.paths, self.labels, transform, cache=cache)
-
-    def input_pipeline(self, cache_root: Path) -> None:
-        section, base = "input pipeline", plain(self.cfg)
-        plain_rate = self.add(Figure(section, f"decode every image, {self.workers} workers (plain)",
-                                     loader_rate(self.dataset(None), base, self.workers, self.device))).images_per_s
-        self.add(Figure(section, "decode every image, no workers (one core)",
-                        loader_rate(self.dataset(None), base, 0, self.device), plain_rate))
-        for fmt in ("jpg", "npy"):
-            cache = ImageCache(cache_root / fmt, needed_short_side(self.cfg), fmt)
-            cold = loader_rate(self.dataset(cache), base, self.workers, self.device)
-            self.add(Figure(section, f"{fmt} cache, cold (first epoch fills it)", cold, plain_rate))
-            warm = loader_rate(self.dataset(cache), base, self.workers, self.device)
-            size = sum(p.stat().st_size for p in (cache_root / fmt).rglob("*")) / max(len(self.paths), 1) / 2**10
-            self.add(Figure(section, f"{fmt} cache, warm", warm, plain_rate,
-                            note=f"short side {cache.short_side}px, {size:,.0f} KiB an image on disk"))
-        if self.workers:
-            cache = ImageCache(cache_root / "jpg", needed_short_side(self.cfg), "jpg")
-            one_thread = loader_rate(self.dataset(cache), base, self.workers, self.device)
-            self.add(Figure(section, "jpg cache warm, OpenCV's default threads in every worker",
-                            loader_rate(self.dataset(cache), base, self.workers, self.device, opencv_threads=None),
-                            one_thread, note=f"against one OpenCV thread per worker: {one_thread:,.1f} images/s"))
-            two_epochs = loader_rate(self.dataset(cache), base, self.workers, self.device, epochs=2)
-            persistent = loader_rate(self.dataset(cache), with_speed(base, False, persistent_workers=True),
-                                     self.workers, self.device, epochs=2)
-            self.add(Figure(section, "jpg cache warm, 2 epochs: persistent workers", persistent, two_epochs,
-                            note="against workers restarted each epoch"))
-        self.pinned_copy()
-
-    def pinned_copy(self) -> None:
-        section = "input pipeline"
-        if self.device.type != "cuda":
-            self.add(Figure(section, "copy to the GPU: pinned memory", None, note="CUDA only"))
-            return
-        size = self.cfg.input.img_size
-        batch = torch.randn(self.cfg.train.batch_size, 3, size, size)
-        pinned = batch.pin_memory()
-
-        def copies(source: torch.Tensor) -> Callable[[], int]:
-            def run() -> int:
-                for _ in range(20):
-                    source.to(self.device, non_blocking=True)
-                return 20 * len(source)
-            return run
-
-        pageable_rate = images_per_second(copies(batch), self.device)
-        self.add(Figure(section, "copy to the GPU: pinned memory", images_per_second(copies(pinned), self.device),
-                        pageable_rate, note=f"pageable: {pageable_rate:,.0f} images/s"))
 
     def training(self, cfg: ExperimentConfig, rows, cache: Optional[ImageCache] = None) -> Training:
         """What the trainer builds for `cfg` (model, loader over `rows`, optimiser, schedule, scaler, loss, CutMix),
@@ -202,9 +83,17 @@ class Bench:
             work()
         return images_per_second(lambda: sum(work() for _ in range(self.steps)), self.device)
 
-    def train_steps(self, cfg: ExperimentConfig) -> tuple[float, Optional[float]]:
+    def first_call(self, work: Callable[[], int]) -> float:
+        """Seconds of one call of `work`, the device's queue drained: a compiled model's first call compiles."""
+        synchronize(self.device)
+        started = time.perf_counter()
+        work()
+        synchronize(self.device)
+        return time.perf_counter() - started
+
+    def train_steps(self, cfg: ExperimentConfig) -> tuple[float, Optional[float], Optional[float]]:
         """images/s and peak GPU memory of the trainer's steps (train.py's train_step: loss, scaler, schedule,
-        CutMix as configured) on one batch kept on the device."""
+        CutMix as configured) on one batch kept on the device, and the first step's seconds when it compiles."""
         run = self.training(cfg, self.rows)
         size, batch = cfg.input.img_size, cfg.train.batch_size
         images = to_device(torch.randn(batch, 3, size, size), self.device, uses_channels_last(cfg, self.device))
@@ -214,7 +103,8 @@ class Bench:
             train_step(run, images, labels)
             return batch
 
-        return self.timed(step), peak_gib(self.device)
+        compiling = self.first_call(step) if is_compiled(run.train_model) else None
+        return self.timed(step), peak_gib(self.device), compiling
 
     @cached_property
     def flops(self) -> StepFlops:
@@ -256,57 +146,66 @@ class Bench:
                             accumulate_steps=steps)
 
     def model_ceiling(self) -> float:
+        """The trainer's step alone: plain, each switch alone, all of them eager, and all of them compiled (the
+        compiled row gives the compile seconds and its gain over the same switches eager)."""
         section, base = "training steps (batch on device)", plain(self.cfg)
-        plain_rate, memory = self.train_steps(base)
+        plain_rate, memory, _ = self.train_steps(base)
         self.add(Figure(section, "plain: fp32, NCHW, eager", plain_rate, peak_gib=memory,
                         note=self.mfu(plain_rate, amp=False)))
         dtype = autocast_dtype(True, self.cfg.train.amp_dtype, self.device)
         autocast_name = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "autocast"
+        everything = dict(amp=True, channels_last=True, cudnn_benchmark=True)
         switches = {autocast_name: dict(amp=True), "channels_last": dict(amp=False, channels_last=True),
                     "cudnn benchmark": dict(amp=False, cudnn_benchmark=True),
-                    "torch.compile": dict(amp=False, compile=True),
-                    f"all: {autocast_name} + channels_last + cudnn benchmark": dict(amp=True, channels_last=True,
-                                                                                   cudnn_benchmark=True),
-                    "all + torch.compile": dict(amp=True, channels_last=True, cudnn_benchmark=True, compile=True)}
-        best = plain_rate
+                    f"all: {autocast_name} + channels_last + cudnn benchmark": everything,
+                    "all + torch.compile": dict(everything, compile=True)}
+        best, eager = plain_rate, None
         for name, switch in switches.items():
             if self.cuda_only:
                 self.add(Figure(section, name, None, note=self.cuda_only))
                 continue
+            switch = dict(switch)
             amp = switch.pop("amp")
-            rate, memory = self.train_steps(with_speed(base, amp, **switch))
+            rate, memory, compiling = self.train_steps(with_speed(base, amp, **switch))
             best = max(best, rate)
-            self.add(Figure(section, name, rate, plain_rate, memory, note=self.mfu(rate, amp)))
+            note = self.mfu(rate, amp)
+            if compiling is not None:
+                mode = compile_mode(self.cfg, self.device, SINGLE_PROCESS)
+                note = (f"{rate / eager:.2f}x the same switches eager; compiled ({mode}) in {compiling:.0f}s, the "
+                        f"first step; {note}")
+            eager = rate
+            self.add(Figure(section, name, rate, plain_rate, memory, note=note))
         return best
 
-    def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> EpochStats:
+    def train_loop(self, cfg: ExperimentConfig, cache: Optional[ImageCache]) -> tuple[EpochStats, Training]:
         """The trainer's own epoch (train.py's train_one_epoch) over steps x batch real images: one untimed epoch
         (it fills the cache and compiles), then the timed one."""
         rows = self.rows.iloc[np.arange(self.steps * cfg.train.batch_size) % len(self.rows)]
         run = self.training(cfg, rows, cache)
         train_one_epoch(run, 0, desc="bench warm-up epoch")
-        return train_one_epoch(run, 1, desc="bench epoch")
+        return train_one_epoch(run, 1, desc="bench epoch"), run
 
     def real_loop(self, cache_root: Path, ceiling: Optional[float]) -> None:
         section = "training loop (real images)"
-        plain_stats = self.train_loop(plain(self.cfg), None)
+        plain_stats, _ = self.train_loop(plain(self.cfg), None)
         self.add(Figure(section, "plain: fp32, decode every image", plain_stats.images_per_s,
                         peak_gib=peak_gib(self.device),
                         note=f"{waiting(plain_stats)}; {self.mfu(plain_stats.images_per_s, amp=False)}"))
         cache = ImageCache(cache_root / self.cfg.speed.image_cache, needed_short_side(self.cfg),
                            self.cfg.speed.image_cache) if self.cfg.speed.image_cache != "none" else None
-        stats = self.train_loop(self.cfg, cache)
+        stats, run = self.train_loop(self.cfg, cache)
         share = f"; {100 * stats.images_per_s / ceiling:.0f}% of the steps-only rate" if ceiling else ""
-        cached = f"{self.cfg.speed.image_cache} cache warm" if cache else "no image cache"
-        self.add(Figure(section, f"config switches, {cached}", stats.images_per_s,
+        compiled = f"; compiled in {run.compile_seconds:.0f}s (the first step)" if run.compile_seconds else ""
+        self.rates.update(train=stats.images_per_s, train_compile=run.compile_seconds or 0.0)
+        self.add(Figure(section, f"config switches, {loop_setting(self.cfg, cache, self.device)}", stats.images_per_s,
                         plain_stats.images_per_s, peak_gib(self.device),
-                        note=f"{waiting(stats)}{share}; {self.mfu(stats.images_per_s, self.cfg.train.amp)}"))
+                        note=f"{waiting(stats)}{share}{compiled}; {self.mfu(stats.images_per_s, self.cfg.train.amp)}"))
 
     def inference(self) -> None:
         section = "inference"
         cfg = self.cfg
         size, batch = cfg.input.img_size, cfg.inference.batch_size
-        images = torch.randn(batch, 3, size, size, device=self.device)
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=self.device)
         predictor = Predictor.for_checkpoints(cfg, len(self.data.classes), self.device)
         plain_rate = None
         for mode in ("none", "hflip", "d4"):
@@ -317,11 +216,27 @@ class Bench:
                 with_mode.batch(images)
                 return batch
 
+            compiling = self.first_call(predict) if mode == "none" and with_mode.pad_to else None
             rate = self.timed(predict)
             plain_rate = plain_rate or rate
+            note = "config switches" if mode == "none" else "against no TTA"
+            if mode == "none":
+                self.rates.update(predict=rate, predict_compile=compiling or 0.0)
+                note += f"; compiled in {compiling:.0f}s (the first batch)" if compiling else ""
             self.add(Figure(section, "no TTA" if mode == "none" else f"TTA {mode}", rate,
-                            plain_rate if mode != "none" else None, peak_gib(self.device),
-                            note="config switches" if mode == "none" else "against no TTA"))
+                            plain_rate if mode != "none" else None, peak_gib(self.device), note=note))
+
+
+def loop_setting(cfg: ExperimentConfig, cache: Optional[ImageCache], device: torch.device) -> str:
+    """What the config's own loop runs with, in words."""
+    if cache is None:
+        return "no image cache"
+    start = cfg.speed.train_cache == "transform_start" and train_start_side(cfg.augment, cfg.input.img_size)
+    where = "at the transform's start" if start else "at the short side"
+    moved = cfg.speed.gpu_augment and (cfg.augment.strong or cfg.augment.extra_colour)
+    augment = ", pixel augmentations on the device" if moved else ""
+    compiled = ", compiled" if compiles(cfg, device) else ""
+    return f"{cfg.speed.image_cache} cache {where} warm{augment}{compiled}"
 
 
 def machine_line(device: torch.device) -> str:
@@ -335,7 +250,7 @@ SECTIONS = ("pipeline", "steps", "loop", "inference", "memory")
 
 def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_images: int, steps: int,
               warmup: int, workers: Optional[int], sections: tuple[str, ...] = SECTIONS,
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, epochs: Optional[int] = None) -> Path:
     bench = Bench(cfg, data, n_images, steps, warmup, workers, log)
     speed_sections = set(sections) - {"memory"}
     header = (["| section | setting | images/s | vs plain | peak GPU GiB | note |", "|---|---|---:|---:|---:|---|"]
@@ -349,7 +264,7 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     outputs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-cache-", dir=outputs) as cache_root:
         if "pipeline" in sections:
-            bench.input_pipeline(Path(cache_root))
+            input_pipeline(bench, Path(cache_root))
         ceiling = bench.model_ceiling() if "steps" in sections else None
         if "loop" in sections:
             bench.real_loop(Path(cache_root), ceiling)
@@ -358,12 +273,19 @@ def run_bench(cfg: ExperimentConfig, data: CompetitionData, outputs: Path, n_ima
     memory = bench.memory() if "memory" in sections else []
     if memory:
         log("\n".join(memory))
+    projection = []
+    if {"train", "predict"} <= set(bench.rates):
+        rates = bench.rates
+        projection = projection_lines(cfg, len(data.train), len(data.test), rates["train"], rates["predict"],
+                                      rates["train_compile"] + rates["predict_compile"], epochs)
+        log("\n".join(projection))
     machine = machine_line(bench.device)
     log(f"machine: {machine}")
-    path = outputs / "bench" / f"{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
+    path = outputs / "bench" / f"{cfg.name}-{cfg.model.backbone}-{cfg.input.img_size}-b{cfg.train.batch_size}.md"
     write_text("\n".join([f"# bench: {cfg.model.backbone} at {cfg.input.img_size}px, batch {cfg.train.batch_size}",
                           "", f"machine: {machine}", f"data: {len(bench.paths)} images of {data.root}", *limits,
-                          "", *header, *(figure.row() for figure in bench.figures), *([""] + memory if memory else [])])
+                          "", *header, *(figure.row() for figure in bench.figures), *([""] + memory if memory else []),
+                          *([""] + projection if projection else [])])
                + "\n", path)
     return path
 
@@ -384,5 +306,6 @@ def command_bench(args: argparse.Namespace) -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise UserError(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    path = run_bench(run.cfg, run.data, Path(args.outputs), args.images, steps, warmup, args.workers, sections, log)
+    path = run_bench(run.cfg, run.data, Path(args.outputs), args.images, steps, warmup, args.workers, sections, log,
+                     args.epochs)
     log(f"wrote {path}")

@@ -1,10 +1,11 @@
 """`bash run.sh gpucheck`: the GPU acceptance run.
 
 One short run of a rung (exp07 by default: TinyViT-21M at 384 px; --experiment exp22 for EVA-02-B at 448 px) at the
-competition's geometry (random weights unless asked for the hub's, demo paintings of 1,200-2,200 px) through the real
-code path: DataLoader workers, the image cache,
-autocast at the dtype the GPU computes in, channels_last and torch.compile. It checks on the device what only a GPU
-run would hit, and measures the speeds that matter:
+competition's geometry (random weights unless asked for the hub's, demo paintings of 1,200-2,200 px) through the
+fast code path (configs/profiles/fast.yaml): DataLoader workers reading an npy cache at the square the training
+transform starts from, uint8 batches normalised and augmented on the GPU (kornia) while the previous batch trains,
+autocast at the dtype the GPU computes in, channels_last and torch.compile with CUDA graphs, its compile time in the
+log. It checks on the device what only a GPU run would hit, and measures the speeds that matter:
 - predictions: the fold's val_probs.csv and test_probs.csv equal what a fresh model loaded from best.pt predicts,
   and a model that has already predicted, once loaded with other weights, predicts like a fresh one (TinyViT caches
   its attention biases in eval mode);
@@ -38,7 +39,7 @@ from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData, load_competition_data
 from ..data.folds import shared_folds
 from ..data.geometry import ValidationSet, validation_set
-from ..data.image_cache import ImageCache, cache_for, needed_short_side
+from ..data.image_cache import ImageCache, cache_for
 from ..data.loader import ImageDataset, make_loader
 from ..data.transforms import build_train_transform
 from ..inference.predictor import Predictor
@@ -46,10 +47,12 @@ from ..inference.probabilities import read_probs
 from ..model.checkpoints import load_weights
 from ..pipeline.resolve import resolve_with_data
 from ..pipeline.run import run_experiment
-from .bench import Bench, machine_line, peak_gib, reset_peak, waiting
+from .bench import Bench, loop_setting, machine_line
+from .bench_common import peak_gib, reset_peak, waiting
 
 RUN_OVERRIDES = ["model.pretrained=false", "train.epochs=2", "train.patience=0", "train.folds=[0]",
-                 "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=jpg"]
+                 "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=npy",
+                 "speed.train_cache=transform_start", "speed.gpu_augment=true"]  # configs/profiles/fast.yaml
 # Probabilities of the same weights on the same device may differ by this much between two compiled graphs
 # under autocast; stale attention biases move them by far more.
 PROBABILITY_TOLERANCE = {"cuda": 2e-3, "cpu": 1e-5}
@@ -119,7 +122,7 @@ def augmentation_batches(cfg: ExperimentConfig, path: str, workers: int, epochs:
                          batches: int) -> list[torch.Tensor]:
     """Every batch of `epochs` epochs of a training loader built as the trainer builds it, over one painting
     repeated `batches` batches' worth: every image of them should differ."""
-    transform = build_train_transform(cfg, (0.5,) * 3, (0.5,) * 3, seed=cfg.seed)
+    transform = build_train_transform(cfg, seed=cfg.seed)
     size = cfg.train.batch_size * batches
     loader = make_loader(ImageDataset([path] * size, [0] * size, transform), cfg.train.batch_size, workers,
                          torch.device("cpu"), train=True, seed=cfg.seed)
@@ -189,7 +192,8 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     reset_peak(device)
     started = time.time()
     run_experiment(run, run_outputs, work / "submissions", extra_info={"command": "gpucheck"}, restart=True, log=log)
-    log(f"gpucheck: fold run took {time.time() - started:.0f}s")
+    fold_seconds = time.time() - started
+    log(f"gpucheck: fold run took {fold_seconds:.0f}s")
     peaks = [peak_gib(device)]
     run_dir = ExperimentDir(run_outputs / cfg.name)
     fold_dir = run_dir.fold(0)
@@ -207,13 +211,17 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         log(f"gpucheck: {check.name}: {'PASS' if check.passed else 'FAIL'} ({check.detail})")
     predict_rate = timed_prediction(predictor, data.test["path"].tolist())
     bench = Bench(cfg, data, len(data.train), steps, warmup=0, workers=None, log=lambda _: None, device=device)
-    loop = bench.train_loop(bench.cfg, ImageCache(Path(cfg.speed.cache_dir), needed_short_side(cfg), "jpg"))
+    cache = cache_for(cfg, run_outputs)
+    loop, looped = bench.train_loop(bench.cfg, cache)
     peaks.append(peak_gib(device))
     peak = max((p for p in peaks if p is not None), default=None)
     fold_rate = history["train_images_per_s"].iloc[-1]
-    figures = [f"| training: the trainer's epoch over {loop.images} images, {bench.workers} workers, jpg cache "
-               f"warm | {loop.images_per_s:,.1f} images/s | {waiting(loop)}; "
+    compiled = f"; compiled in {looped.compile_seconds:.0f}s (its first step)" if looped.compile_seconds else ""
+    figures = [f"| training: the trainer's epoch over {loop.images} images, {bench.workers} workers, "
+               f"{loop_setting(cfg, cache, device)} | {loop.images_per_s:,.1f} images/s | {waiting(loop)}{compiled}; "
                f"{bench.mfu(loop.images_per_s, cfg.train.amp)} |",
+               f"| training: the fold run, {cfg.train.epochs} epochs, validation and test pass | {fold_seconds:.0f}s | "
+               f"compilation included |",
                f"| training: fold run, epoch {len(history)} ({len(data.train) - len(val_rows)} images) | "
                f"{fold_rate:,.1f} images/s | input pipeline: {100 * history['data_wait_share'].iloc[-1]:.0f}% of the "
                f"time; {bench.mfu(fold_rate, cfg.train.amp)} |",

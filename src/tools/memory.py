@@ -17,8 +17,9 @@ and near its start at a large one, when every block's input is still kept. Under
 batch that fits is k micro-batches, and what grows with it is a micro-batch's activations plus the batch's inputs.
 
 An estimate, not a measurement: a GPU adds its kernels' workspace, the allocator's rounding and fragmentation and
-the CUDA context (about a GiB), which HEADROOM leaves room for, and the probe follows the CPU's autocast lists, which
-cast a few operations differently from CUDA's. `bench` on a GPU reports the measured peak.
+the CUDA context (about a GiB), which HEADROOM leaves room for. On the CPU the step follows CUDA's autocast lists and
+attention kernels (src/tools/cuda_rules.py), so the CPU gives the batches a GPU run of the estimator gives. `bench` on
+a GPU reports the measured peak.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from ..core.runtime import autocast_dtype
 from ..core.schema import ExperimentConfig
 from ..training.loop import Training, capture_rng, restore_rng, train_step
 from ..training.optim import SAM
+from .cuda_rules import cuda_rules
 
 GIB = 2 ** 30
 HEADROOM = 0.85  # the share of a GPU's memory the estimate may fill: the rest for workspace, fragmentation, context
@@ -203,13 +205,16 @@ def estimating_config(cfg: ExperimentConfig, device: torch.device) -> Experiment
     return cfg.model_copy(update={"train": train, "speed": cfg.speed.model_copy(update={"compile": False})})
 
 
-def estimate(run: Training, batches: tuple[int, int] | None = None) -> MemoryEstimate:
+def estimate(run: Training, batches: tuple[int, int] | None = None, cuda: bool = True) -> MemoryEstimate:
     """The estimate for a Training built from estimating_config: its step on FakeTensors at two probe batches
-    (default: PROBE_BATCHES micro-batches of train.accumulate_steps each)."""
+    (default: PROBE_BATCHES micro-batches of train.accumulate_steps each). On the CPU the step follows CUDA's casting
+    rules and attention kernels (src/tools/cuda_rules.py) unless `cuda` is false (the estimate of what the CPU itself
+    allocates)."""
     batches = batches or tuple(probe * run.cfg.train.accumulate_steps for probe in PROBE_BATCHES)
+    rules = cuda_rules if cuda and run.device.type == "cpu" else contextlib.nullcontext
     timelines = []
     for batch in batches:
-        with fake_training(run) as fake:
+        with fake_training(run) as fake, rules():
             timelines.append(step_timeline(fake, batch))
     dtype = autocast_dtype(run.cfg.train.amp, run.cfg.train.amp_dtype, run.device)
     return MemoryEstimate.from_probes(batches, tuple(timelines), str(dtype or torch.float32).removeprefix("torch."))

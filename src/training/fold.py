@@ -32,6 +32,7 @@ from ..data.training_set import TrainingSet
 from ..inference.predictor import Predictor
 from ..inference.probabilities import probs_frame
 from ..model.checkpoints import load_weights, read_checkpoint
+from ..model.prepare import compile_line
 from .ema import ema_horizon_note, ema_line
 from .loop import Training, build_training, capture_rng, restore_rng, train_one_epoch
 from .objective import FoldContext
@@ -182,8 +183,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     for note in filter(None, notes if not progress.epochs_done else ()):
         log(f"{name}: {note}")
 
-    last_epoch = progress.epochs_done if progress.finished else cfg.train.epochs
-    for epoch in range(progress.epochs_done + 1, last_epoch + 1):
+    first_epoch, last_epoch = progress.epochs_done + 1, progress.epochs_done if progress.finished else cfg.train.epochs
+    for epoch in range(first_epoch, last_epoch + 1):
         started = time.time()
         lr = base_lr(run.optimizer)
         stats = train_one_epoch(run, epoch, desc=f"{name} epoch {epoch}")
@@ -207,6 +208,8 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
             save_last(run, fold_dir, fingerprint, progress, rng_states, data.classes)
             write_csv(pd.DataFrame(progress.history), fold_dir.history)
         log(epoch_line(name, cfg.train.epochs, progress.history[-1], improved))
+        if epoch == first_epoch and run.compile_seconds is not None:
+            log(compile_line(name, run.compile_seconds, predictor.first_pass_seconds))
         if after_epoch is not None:
             after_epoch(fold, progress.history[-1])
         if progress.finished:

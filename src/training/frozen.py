@@ -28,6 +28,7 @@ from ..core.metrics import scores
 from ..core.runtime import worker_count
 from ..core.schema import ExperimentConfig, FrozenConfig
 from ..data.competition import CompetitionData
+from ..data.device_input import DeviceBatches, InputStage
 from ..data.geometry import ValidationSet, validation_set
 from ..data.loader import ImageDataset, make_loader
 from ..data.transforms import build_eval_transform
@@ -72,10 +73,11 @@ def embed_images(cfg: ExperimentConfig, paths: Sequence[str], cache_dir: Path, d
                 return cached["features"]
     backbone = build_backbone(cfg.model, cfg.input.img_size).to(device)
     mean, std = normalisation(backbone, cfg.input.mean, cfg.input.std)
-    loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, mean, std, test=test), boxes=boxes),
+    loader = make_loader(ImageDataset(paths, None, build_eval_transform(cfg, test=test), boxes=boxes),
                          cfg.inference.batch_size, worker_count(cfg.train.num_workers, device), device, train=False)
-    features = predict_features(backbone, loader, device, cfg.train.amp, cfg.train.amp_dtype,
-                                desc=f"features {cfg.model.backbone}")
+    features = predict_features(backbone, DeviceBatches(loader, device, InputStage(mean, std)), cfg.train.amp,
+                                cfg.train.amp_dtype, desc=f"features {cfg.model.backbone}",
+                                progress_seconds=cfg.tracking.progress_seconds)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, features=features)
     log(f"features: embedded {len(paths)} images with frozen {cfg.model.backbone} at {cfg.input.img_size}px "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,19 +15,20 @@ import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from tqdm import tqdm
 
 from ..core.distributed import SINGLE_PROCESS, DistContext
 from ..core.errors import UserError
-from ..core.runtime import autocast, autocast_dtype, synchronize, to_device, worker_count
+from ..core.progress import StepProgress
+from ..core.runtime import autocast, autocast_dtype, synchronize, worker_count
 from ..core.schema import ExperimentConfig
+from ..data.device_input import DeviceBatches, InputStage, training_inputs
 from ..data.image_cache import ImageCache
-from ..data.loader import make_loader
+from ..data.loader import make_loader, training_dataset
 from ..data.sampler import build_sampler
 from ..data.training_set import TrainingSet
-from ..data.transforms import build_crop_train_transform, build_train_transform
+from ..data.transforms import build_crop_train_transform
 from ..model.networks import build_model, normalisation
-from ..model.prepare import prepare_model, uses_channels_last
+from ..model.prepare import is_compiled, prepare_model, uses_channels_last
 from .ema import build_ema
 from .objective import Objective, build_objective
 from .optim import SAM, build_optimizer, parameter_groups
@@ -128,6 +128,8 @@ class Training:
     objective: Objective
     ema: ModelEmaV3 | None = None
     ema_eval_model: nn.Module | None = None
+    inputs: InputStage | None = None  # what the device does to a batch before the model reads it
+    compile_seconds: float | None = None  # the first step of a compiled model, compilation included
 
     @property
     def predicting_model(self) -> nn.Module:
@@ -166,8 +168,9 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame | TrainingSet, n_cl
     mean, std = normalisation(model.backbone, cfg.input.mean, cfg.input.std)
     workers = worker_count(cfg.train.num_workers, device, processes=ctx.local_world_size)
     training_set = rows if isinstance(rows, TrainingSet) else TrainingSet(rows, n_classes)
-    dataset = training_set.dataset(build_train_transform(cfg, mean, std, seed=seed),
-                                   build_crop_train_transform(cfg, mean, std, seed=seed), cache=image_cache)
+    paintings = training_dataset(cfg, training_set.paintings["path"], training_set.paintings["label"], image_cache,
+                                 seed)
+    dataset = training_set.dataset(paintings, build_crop_train_transform(cfg, seed=seed), cache=image_cache)
     loader = train_loader_for(dataset, training_set.labels, cfg, device, workers, ctx, seed, shared_seed)
     optimizer = build_optimizer(cfg.optimizer, parameter_groups(model, cfg.optimizer), device)
     scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch=len(loader), epochs=cfg.train.epochs)
@@ -180,7 +183,8 @@ def build_training(cfg: ExperimentConfig, rows: pd.DataFrame | TrainingSet, n_cl
     return Training(cfg, device, model, train_model, eval_model, mean, std, workers, loader, optimizer, scheduler,
                     torch.amp.GradScaler(device.type, enabled=use_scaler),
                     build_objective(cfg, n_classes, loss_terms(cfg)), ema,
-                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None)
+                    prepare_model(ema.module, cfg, device, SINGLE_PROCESS)[1] if ema is not None else None,
+                    training_inputs(cfg, mean, std, seed, uses_channels_last(cfg, device)))
 
 
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
@@ -255,37 +259,37 @@ def train_step(run: Training, images: torch.Tensor, targets) -> tuple[torch.Tens
 
 def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
     """One pass over the training loader. Losses stay on the device; they are checked (finite?) every CHECK_EVERY
-    steps and at the end, so the host never waits for the GPU within those steps."""
+    steps and at the end, so the host never waits for the GPU within those steps. The first step of a compiled
+    model is timed (run.compile_seconds): it compiles."""
     device = run.device
     sampler = getattr(run.loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+    run.inputs.set_epoch(epoch)
     run.train_model.train()
-    channels_last = uses_channels_last(run.cfg, device)
     losses, parts, sizes, lrs, checked = [], [], [], [], 0
-    started, waited = time.perf_counter(), 0.0
-    bar = tqdm(total=len(run.loader), desc=desc, leave=False, disable=not sys.stderr.isatty())
-    batches = iter(run.loader)
-    while True:
-        fetch = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - fetch
-        if batch is None:
-            break
-        images, targets = batch
+    started = time.perf_counter()
+    batches = DeviceBatches(run.loader, device, run.inputs)
+    progress = StepProgress(len(batches), desc, run.cfg.tracking.progress_seconds)
+    for images, targets in batches:
+        timing = run.compile_seconds is None and is_compiled(run.train_model)
+        step_started = time.perf_counter()
         lrs.append(base_lr(run.optimizer))
-        loss, step_parts = train_step(run, to_device(images, device, channels_last), targets)
+        loss, step_parts = train_step(run, images, targets)
         losses.append(loss)
         parts.append(step_parts)
         sizes.append(len(images))
-        bar.update()
+        if timing:
+            synchronize(device)
+            run.compile_seconds = time.perf_counter() - step_started
+        progress.update(len(images), batches.waited)
         if len(losses) - checked >= CHECK_EVERY:
             _check_finite(losses, lrs, checked, desc, epoch)
             checked = len(losses)
-            bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lrs[-1]:.2e}")
-    bar.close()
+            progress.note(loss=f"{float(losses[-1]):.4f}", lr=f"{lrs[-1]:.2e}")
+    progress.close()
     if not losses:
-        return EpochStats(0.0, 0, time.perf_counter() - started, waited)
+        return EpochStats(0.0, 0, time.perf_counter() - started, batches.waited)
     if checked < len(losses):
         _check_finite(losses, lrs, checked, desc, epoch)
     weights = torch.tensor(sizes, dtype=torch.float32, device=device)
@@ -295,4 +299,4 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
 
     mean_loss, mean_parts = mean(losses), {name: mean([step[name] for step in parts]) for name in parts[0]}
     synchronize(device)
-    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, waited, mean_parts)
+    return EpochStats(mean_loss, int(sum(sizes)), time.perf_counter() - started, batches.waited, mean_parts)
