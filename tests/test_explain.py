@@ -65,7 +65,7 @@ def test_grad_cam_is_its_definition_on_the_last_feature_map_of_the_fold_model(fi
     predictor = Predictor.for_checkpoints(read_saved(finished_run["exp"]).experiment, len(data.classes), CPU)
     predictor.load(ExperimentDir(finished_run["exp"]).fold(1).best, data.classes)
     dataset = predictor.dataset(data.train["path"].head(3).tolist(), test=True)
-    images = torch.stack([dataset[i][0] for i in range(3)])
+    images = predictor.inputs(torch.stack([dataset[i][0] for i in range(3)]), 0)  # uint8 normalised, as predicting
     network = predictor.network.eval()
     predicted = network(images).argmax(dim=1).tolist()
     heats = grad_cam(network, images, predicted)

@@ -122,7 +122,6 @@ def explain_images(outputs: Path, name: str, data: CompetitionData, rows: pd.Dat
     saved = read_saved(outputs / name)
     cfg = saved.fine_tuned("explain")
     predictor = Predictor.for_checkpoints(cfg, len(data.classes), device, cache=cache_for(cfg, outputs))
-    mean, std = (np.asarray(values, np.float32) for values in (predictor.mean, predictor.std))
     explained = []
     for fold, group in rows.groupby("fold", sort=True):
         checkpoint = ExperimentDir(outputs / saved.source).fold(int(fold)).best
@@ -131,11 +130,12 @@ def explain_images(outputs: Path, name: str, data: CompetitionData, rows: pd.Dat
         predictor.load(checkpoint, data.classes)
         drop_eval_caches(predictor.network)
         dataset = predictor.dataset(group["path"].tolist(), test=True)
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+        pixels = torch.stack([dataset[i][0] for i in range(len(dataset))])  # uint8, as the workers hand them over
+        images = predictor.inputs(pixels.to(device), 0)  # normalised on the device, as prediction does
         with torch.no_grad():
             probs = torch.softmax(predictor.network.eval()(images).float(), dim=1).cpu().numpy()
         heats = grad_cam(predictor.network, images, probs.argmax(axis=1).tolist())
-        pictures = (images.cpu().numpy().transpose(0, 2, 3, 1) * std + mean).clip(0, 1)
+        pictures = pixels.numpy().transpose(0, 2, 3, 1).astype(np.float32) / 255
         for row, picture, heat, prob in zip(group.itertuples(), pictures, heats, probs):
             explained.append(Explained(str(row.id), picture, heat, data.classes[int(prob.argmax())],
                                        float(prob.max()), row.true, int(fold)))
