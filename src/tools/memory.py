@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import gc
 import random
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -191,7 +192,9 @@ def fake_training(run: Training) -> Iterator[Training]:
         if isinstance(run.optimizer, SAM):  # torch's Optimizer copies only its defaults, state and parameter groups
             fake.optimizer.rho = run.optimizer.rho
             fake.optimizer.base_optimizer = copy.deepcopy(run.optimizer.base_optimizer, memo)  # the same parameters
-    with mode:
+    with mode, warnings.catch_warnings():
+        # Optimizer.__getstate__ drops the step wrapper the LR scheduler installed, so the copy's scheduler would warn
+        warnings.filterwarnings("ignore", message=r"Seems like `optimizer.step\(\)` has been overridden")
         yield fake
 
 
