@@ -4,7 +4,6 @@
 # docs/install.md) and hands over. --wheels DIR first installs from a folder of wheels alone (offline machines).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-export NO_ALBUMENTATIONS_UPDATE=1  # albumentations asks PyPI for its latest version on every import otherwise
 
 case "${1:-help}" in
   help|-h|--help) exec "${PYTHON:-python3}" -m src.cli help ;;  # standard library only: nothing to install

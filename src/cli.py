@@ -10,7 +10,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .core.errors import DISK_FULL, UserError, disk_full_in, one_line
+from .core.errors import DISK_FULL, DISK_FULL_REMEDY, UserError, disk_full_in, one_line
 from .core.names import check_name
 from .core.paths import CONFIG_DIR, DEMO_ROOT, OUTPUTS, SUBMISSIONS
 from .core.redact import redact
@@ -368,8 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         full = disk_full_in(error)
         if full is None:
             raise
-        print(f"error: {DISK_FULL[full.errno]} writing {full.filename or 'a file'}; free some space (or point "
-              "--outputs at another disk) and rerun the same command: finished epochs and folds are kept",
+        print(f"error: {DISK_FULL[full.errno]} writing {full.filename or 'a file'}; {DISK_FULL_REMEDY}",
               file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

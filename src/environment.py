@@ -76,8 +76,7 @@ def install_plan(needed: list[req.Requirement], missing: list[tuple[req.Requirem
     lock's version is asked for at it, so that a bare Python (CI) runs on the lock. Held: every package of the lock
     that is installed and not asked for, torch above all."""
     locked = req.lock()
-    torch = req.installed_version("torch")
-    follow_lock = torch is None or f"torch=={torch.split('+')[0]}" == locked.get("torch")
+    follow_lock = req.installed_version("torch") is None or _at_lock("torch", locked)
     wanted = [requirement for requirement, _ in missing]
     if follow_lock and own_venv:
         wanted += [requirement for requirement in needed if requirement not in wanted and

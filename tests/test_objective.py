@@ -178,7 +178,7 @@ def fake_teacher(outputs, name: str, data, seed: int) -> dict[int, np.ndarray]:
 
 def fold_context(cfg, data, fold: int, outputs) -> FoldContext:
     return FoldContext(cfg, data, fold, ExperimentDir(outputs / cfg.name).fold(fold), "student", outputs, CPU,
-                       SINGLE_PROCESS, None, lambda _: None)
+                       SINGLE_PROCESS, lambda _: None)
 
 
 def test_the_pseudo_labels_of_fold_k_are_the_teacher_fold_k_probabilities(tiny_root, tmp_path):

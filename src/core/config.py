@@ -107,9 +107,9 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def experiment_path(name: str, config_dir: Path = CONFIG_DIR, named_by: str = "experiment") -> Path:
-    """configs/NAME.yaml; `named_by` says where the name came from (the command line, a child's parent key)."""
-    path = config_dir / f"{check_name(name, named_by)}.yaml"
+def experiment_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """configs/NAME.yaml."""
+    path = config_dir / f"{check_name(name, 'experiment')}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in config_dir.glob("*.yaml"))
         raise UserError(f"no experiment '{name}': {path} does not exist (known: {', '.join(known)})")

@@ -4,6 +4,8 @@ import reprlib
 from typing import Optional
 
 DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up"}
+DISK_FULL_REMEDY = ("free some space (or point --outputs at another disk) and rerun the same command: finished epochs "
+                    "and folds are kept")
 
 
 class UserError(Exception):

@@ -1,7 +1,7 @@
 """Atomic writes: every output goes to a temporary name in the same folder and is renamed into place,
 so a killed run never leaves a truncated file that a later step would trust.
 
-A temporary name says who wrote it: `.NAME.HOST-PID.XXXXXXXX.tmp` (a folder being built, such as an export's, is
+A temporary name says who wrote it: `.NAME.HOST-PID.RANDOM8.tmp` (a folder being built, such as an export's, is
 named alike), so a later run can tell the leftovers of a killed writer from a write in progress
 (src/core/removal.py removes them). A full disk or an exhausted quota stops with one line naming the folder, the
 bytes the file needs and the bytes free, instead of a traceback; the file it replaces is left as it was.
@@ -21,12 +21,12 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from .errors import DISK_FULL, UserError, disk_full_in
+from .errors import DISK_FULL, DISK_FULL_REMEDY, UserError, disk_full_in
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 TEMP_SUFFIX = ".tmp"
-# .NAME.HOST-PID.XXXXXXXX.tmp (HOST-PID missing in the names of earlier versions); XXXXXXXX is tempfile's.
+# .NAME.HOST-PID.RANDOM8.tmp (HOST-PID missing in the names of earlier versions); RANDOM8: tempfile's 8 characters.
 TEMPORARY = re.compile(r"\.(?P<target>.+?)\.(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp")
 
 
@@ -68,8 +68,7 @@ def disk_full_error(error: OSError, path: Path, needed: Optional[int], written: 
         free = "free space unknown"
     need = f"about {size_text(needed)}" if needed else f"more than the {size_text(written)} written when it stopped"
     return UserError(f"{DISK_FULL[error.errno]} writing {path}: the file needs {need}, and {folder} has {free}; "
-                     "free some space (or point --outputs at another disk) and rerun the same command: finished "
-                     "epochs and folds are kept")
+                     f"{DISK_FULL_REMEDY}")
 
 
 @contextmanager

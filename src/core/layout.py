@@ -167,6 +167,22 @@ class SavedRun:
         return list(self.raw.get("members", []))
 
     @property
+    def method(self) -> str:
+        """How an ensemble combines its members: soft or hard voting."""
+        return self.raw.get("method", "soft")
+
+    def member_weights(self, fold: Optional[int] = None) -> list[float]:
+        """An ensemble's member weights: when fitted, those fitted without fold `fold`'s paintings, or the test
+        weights (fitted on every fold) without a fold; else the configured weights, or equal ones."""
+        spec = self.raw.get("weights")
+        if spec == "fit":
+            fitted = self.raw["fitted"]
+            weights = fitted["test_weights"] if fold is None else fitted["weights_per_fold"][fold]
+        else:
+            weights = spec or [1.0] * len(self.members)
+        return [float(weight) for weight in weights]
+
+    @property
     def validation(self) -> Optional[dict]:
         return self.raw.get("validation")
 
@@ -208,9 +224,11 @@ def check_free_for(out_dir: Path, kind: str) -> None:
     if saved is not None and saved.kind != kind:
         raise UserError(f"{out_dir} holds {KINDS[saved.kind]} named {name}; {KINDS[kind]} of the same name would "
                         "overwrite it (experiments, TTA runs and ensembles share one namespace): name it otherwise")
-    other_kind = {"experiment": "ensemble", "ensemble": "experiment"}.get(kind)
-    other = {"experiment": ENSEMBLE_DIR, "ensemble": CONFIG_DIR}.get(kind, Path()) / f"{name}.yaml"
-    if other_kind and other.is_file():
+    if kind not in ("experiment", "ensemble"):
+        return
+    other_kind, folder = ("ensemble", ENSEMBLE_DIR) if kind == "experiment" else ("experiment", CONFIG_DIR)
+    other = folder / f"{name}.yaml"
+    if other.is_file():
         raise UserError(f"{other} also names {name}; {KINDS[kind]} and {KINDS[other_kind]} may not share a name "
                         "(their folders under OUTPUTS would collide): rename one of them")
 

@@ -85,9 +85,9 @@ def gpu_problem() -> Optional[str]:
     runnable = max((major for major, oldest in MIN_DRIVER.items() if series >= oldest), default=None)
     if torch.version.cuda is None:
         cause = f"torch {torch.__version__} is a CPU build"
-    elif series < MIN_DRIVER.get(int(torch.version.cuda.split(".")[0]), 0):
-        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs driver "
-                 f"{MIN_DRIVER[int(torch.version.cuda.split('.')[0])]} or newer")
+    elif series < (oldest := MIN_DRIVER.get(int(torch.version.cuda.split(".")[0]), 0)):
+        cause = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs driver {oldest} or "
+                 "newer")
     else:
         return (f"an NVIDIA GPU is here (driver {driver}) and torch {torch.__version__} is built for CUDA "
                 f"{torch.version.cuda}, which that driver runs, yet torch sees no GPU: check nvidia-smi, the "

@@ -213,13 +213,18 @@ class TrainConfig(_Strict):
         return self.ema_decay is not None or self.ema_epochs is not None
 
 
-class PseudoConfig(_Strict):
-    """Pseudo-labels: the test crops, labelled by a finished experiment or ensemble (the teacher), trained on beside
-    the paintings, as the crops they are (resized whole, the horizontal flip only). Fold k learns from the predictions
-    of the teacher's own fold k model(s), which never saw fold k's validation paintings, so the CV stays honest."""
+class _Taught(_Strict):
+    """A technique that learns from a finished run, the teacher, which its `from` key names."""
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
     source: str = Field(..., alias="from", description="the teacher: an experiment, TTA run or ensemble with a folder "
-                        "under OUTPUTS (its fold k's test probabilities label fold k's crops)")
+                        "under OUTPUTS")
+
+
+class PseudoConfig(_Taught):
+    """Pseudo-labels: the test crops, labelled by a finished experiment or ensemble (the teacher), trained on beside
+    the paintings, as the crops they are (resized whole, the horizontal flip only). Fold k learns from the predictions
+    of the teacher's own fold k model(s), which never saw fold k's validation paintings, so the CV stays honest: its
+    fold k's test probabilities label fold k's crops."""
     threshold: float = Field(0.0, ge=0.0, le=1.0, description="keep the crops whose top teacher probability is at "
                              "least this")
     soft: bool = Field(True, description="true: the teacher's probabilities are the crop's target; false: its "
@@ -227,14 +232,11 @@ class PseudoConfig(_Strict):
     weight: float = Field(1.0, gt=0, description="loss weight of a pseudo-labelled crop (a painting's is 1)")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(_Taught):
     """Knowledge distillation (Hinton et al., 2015): the loss is (1 - alpha) x the configured loss + alpha x T^2 x
     KL(teacher at T || student at T), with the teacher's probabilities of every training image made by the teacher's
     fold k model(s) for fold k (cached in the fold's folder): a painting's are the mean over its validation-geometry
     crops, a pseudo-labelled test crop's are the teacher's prediction of it."""
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
-    source: str = Field(..., alias="from", description="the teacher: an experiment, TTA run or ensemble with a folder "
-                        "under OUTPUTS")
     temperature: float = Field(2.0, gt=0, description="T: both distributions are softened at it (the teacher's "
                                "probabilities p as softmax(log p / T)); the term is scaled by T^2")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="the distillation term's share of the loss")

@@ -52,7 +52,7 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     last one, so one graph serves every call and nothing recompiles), behind GraphSteps when `mode` uses CUDA
     graphs."""
     compiled = torch.compile(model, mode=mode, dynamic=False)
-    return GraphSteps(compiled) if mode in ("reduce-overhead", "max-autotune") else compiled
+    return GraphSteps(compiled) if mode in PREDICTION_MODES else compiled  # the modes with CUDA graphs
 
 
 def is_compiled(model: nn.Module) -> bool:

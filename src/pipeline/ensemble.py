@@ -155,7 +155,6 @@ def run_ensemble(name: str, data_arg: Optional[str], outputs: Path, submissions:
     if oof["artist"].tolist() != data.train.set_index("id")["artist"].reindex(oof["id"]).tolist():
         raise UserError(f"ensemble {name}: its members were trained on other labels than {data.root}; "
                         "pass the members' data root with --data")
-    experiment = ExperimentDir(outputs / name)
     write_yaml({"name": name, "parent": cfg.members[0], **cfg.model_dump(mode="json"), "fitted": fitted,
                 "validation": read_run_config(outputs / cfg.members[0]).get("validation"),
                 "run": {**run_info(), "data_root": str(data.root), "data_fingerprint": data.fingerprint()}},

@@ -150,14 +150,15 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
     staging = temporary_folder(out_dir, name)
     manifest = {"name": name, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "git_commit": run_info()["git_commit"],
                 "method": model.method, "weights": model.weights, "members": {}}
+    # the float16 check's decoded test images, shared by the members; outside staging, which becomes the bundle
+    cache = tempfile.TemporaryDirectory(prefix="artist-export-cache-")
     try:
         for member in model.members:
             dtype, change = torch.float32, None
             if precision == "fp16":
                 dtype = torch.float16
             elif precision == "auto":
-                with tempfile.TemporaryDirectory(prefix="artist-export-cache-") as cache:
-                    change = half_precision_change(member, test, Path(cache))
+                change = half_precision_change(member, test, Path(cache.name))
                 dtype = torch.float16 if change <= FP16_TOLERANCE else torch.float32
             target = ExperimentDir(staging / BUNDLE_MODELS / member.name)
             target.path.mkdir(parents=True)
@@ -181,6 +182,7 @@ def run_export(outputs: Path, name: str, data: Optional[Path], precision: str, o
         remove_output(out_dir, bundle)
         staging.rename(bundle)
     finally:
+        cache.cleanup()
         remove_output(out_dir, staging)
     _zip(bundle, out_dir / f"{name}.zip")
     size = (out_dir / f"{name}.zip").stat().st_size / 2**20

@@ -157,7 +157,6 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     from ..core.layout import ExperimentDir, check_free_for
     from ..core.runtime import available_cores, worker_count
     from ..data.folds import shared_folds
-    from .locks import held_elsewhere
     from .resolve import log, resolve_run
     from .run import claim_folder, fold_status, folds_to_train, holding_folds, run_experiment
 
@@ -192,11 +191,8 @@ def launch_processes(args: argparse.Namespace, name: str) -> None:
     if torch.cuda.is_available() and cfg.train.num_workers is None:
         child.append(f"train.num_workers={worker_count(None, torch.device('cuda'), len(slots) * args.ddp)}")
     todo = [k for k in folds if fold_status(experiment.fold(k), fingerprint, not cfg.frozen) != "done"]
-    for k in todo:  # refused here, before a job's log replaces the log of the run that trains the fold
-        who = held_elsewhere(experiment.lock(f"fold{k}"))
-        if who:
-            raise UserError(f"training {cfg.name} fold {k} is in progress in {who} (lock {experiment.lock(f'fold{k}')}"
-                            "); wait for it to end or stop it, then rerun")
+    with holding_folds(experiment, todo, cfg.name):  # refused here, before a job's log replaces the running fold's
+        pass
     log(f"{cfg.name}: {len(todo)} folds to train over {len(slots)} slots (GPUs {' | '.join(slots)})"
         + ("" if torch.cuda.is_available() else "; no CUDA device, so they share the CPU"))
     jobs = [Job(f"{cfg.name} fold {k}", [*launcher, *child, "--fold-job", f"train.folds=[{k}]"], experiment.log(k))

@@ -74,12 +74,7 @@ def load_saved_model(outputs: Path, name: str, tta: Optional[str] = None) -> Sav
     if saved.kind != "ensemble":
         return SavedModel(name, [fold_models(outputs, name, tta)], [1.0])
     members = [fold_models(outputs, member, tta) for member in saved.members]
-    if saved.raw.get("weights") == "fit":
-        weights = saved.raw["fitted"]["test_weights"]
-    else:
-        weights = saved.raw.get("weights") or [1.0] * len(members)
-    return SavedModel(name, members, [float(w) for w in weights], saved.raw.get("method", "soft"),
-                      ExperimentDir(outputs / name).config)
+    return SavedModel(name, members, saved.member_weights(), saved.method, ExperimentDir(outputs / name).config)
 
 
 def fold_probs(models: FoldModels, test: TestSet, cache_dir: Path, device: torch.device,

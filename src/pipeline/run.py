@@ -44,12 +44,17 @@ def fold_status(fold_dir: FoldDir, fingerprint: str, weights: bool = True) -> st
     folds of another config. `weights`: whether the fold has a network (best.pt), false for frozen features."""
     if not fold_dir.done.is_file():
         return "todo"
-    done = fold_dir.done_record()
+    check_fingerprint(fold_dir, fingerprint)
+    return "damaged" if fold_dir.damage(weights) else "done"
+
+
+def check_fingerprint(fold_dir: FoldDir, fingerprint: str) -> None:
+    """Stop with one line when the fold finished with another config or data than `fingerprint`'s."""
+    done = fold_dir.done_record() if fold_dir.done.is_file() else None
     if done is not None and done["fingerprint"] != fingerprint:
         raise UserError(f"{fold_dir.path} holds a fold trained with another config or data; rerun with --restart to "
                         "train it again (--restart removes the folds the run trains: train.folds, all when unset), or "
                         "name a new experiment (name=...)")
-    return "damaged" if fold_dir.damage(weights) else "done"
 
 
 def fold_result(fold_dir: FoldDir) -> dict[str, float]:
@@ -101,7 +106,7 @@ def check_folds(experiment: ExperimentDir, cfg: ExperimentConfig, fingerprint: s
         if fold in retrained:
             continue
         try:
-            fold_status(experiment.fold(fold), fingerprint, weights=not cfg.frozen)
+            check_fingerprint(experiment.fold(fold), fingerprint)
         except UserError:
             if not retrained:
                 raise

@@ -21,7 +21,6 @@ import math
 import platform
 import resource
 import tempfile
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,17 +31,18 @@ import torch
 from ..core.distributed import SINGLE_PROCESS
 from ..core.errors import UserError
 from ..core.files import write_text
-from ..core.runtime import autocast_dtype, available_cores, select_device, synchronize, to_device, worker_count
+from ..core.runtime import autocast_dtype, available_cores, select_device, to_device, worker_count
 from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData
-from ..data.image_cache import ImageCache, needed_short_side
-from ..data.transforms import train_start_side
+from ..data.device_input import has_device_share
+from ..data.image_cache import ImageCache, needed_short_side, training_cache
 from ..inference.predictor import Predictor
 from ..inference.tta import with_tta
 from ..model.networks import build_model, normalisation
 from ..model.prepare import compile_mode, compiles, is_compiled, uses_channels_last
 from ..training.loop import EpochStats, Training, build_training, train_one_epoch, train_step
-from .bench_common import Figure, images_per_second, no_download, peak_gib, plain, reset_peak, waiting, with_speed
+from .bench_common import (Figure, images_per_second, no_download, peak_gib, plain, reset_peak, timed_seconds, waiting,
+                           with_speed)
 from .bench_input import input_pipeline
 from .flops import Peak, StepFlops, datasheet_peak, device_name, measured_peak, step_flops, utilisation
 from .memory import GPUS, estimate, estimating_config, this_gpu
@@ -85,11 +85,7 @@ class Bench:
 
     def first_call(self, work: Callable[[], int]) -> float:
         """Seconds of one call of `work`, the device's queue drained: a compiled model's first call compiles."""
-        synchronize(self.device)
-        started = time.perf_counter()
-        work()
-        synchronize(self.device)
-        return time.perf_counter() - started
+        return timed_seconds(work, self.device)[1]
 
     def train_steps(self, cfg: ExperimentConfig) -> tuple[float, Optional[float], Optional[float]]:
         """images/s and peak GPU memory of the trainer's steps (train.py's train_step: loss, scaler, schedule,
@@ -231,9 +227,9 @@ def loop_setting(cfg: ExperimentConfig, cache: Optional[ImageCache], device: tor
     """What the config's own loop runs with, in words."""
     if cache is None:
         return "no image cache"
-    start = cfg.speed.train_cache == "transform_start" and train_start_side(cfg.augment, cfg.input.img_size)
+    start = training_cache(cfg, cache).square is not None  # the cache the trainer reads through
     where = "at the transform's start" if start else "at the short side"
-    moved = cfg.speed.gpu_augment and (cfg.augment.strong or cfg.augment.extra_colour)
+    moved = cfg.speed.gpu_augment and has_device_share(cfg.augment)
     augment = ", pixel augmentations on the device" if moved else ""
     compiled = ", compiled" if compiles(cfg, device) else ""
     return f"{cfg.speed.image_cache} cache {where} warm{augment}{compiled}"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
 from ..core.runtime import synchronize
 from ..core.schema import ExperimentConfig
 from ..training.loop import EpochStats
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,13 +31,19 @@ class Figure:
         return f"| {self.section} | {self.setting} | {rate} | {speedup} | {memory} | {self.note} |"
 
 
-def images_per_second(run: Callable[[], int], device: torch.device) -> float:
-    """Run `run` (which returns the number of images it handled) and time it, waiting for the GPU."""
+def timed_seconds(work: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """What `work()` returns and its seconds, the device's queue drained before and after."""
     synchronize(device)
     started = time.perf_counter()
-    count = run()
+    result = work()
     synchronize(device)
-    return count / (time.perf_counter() - started)
+    return result, time.perf_counter() - started
+
+
+def images_per_second(run: Callable[[], int], device: torch.device) -> float:
+    """Run `run` (which returns the number of images it handled) and time it, waiting for the GPU."""
+    count, seconds = timed_seconds(run, device)
+    return count / seconds
 
 
 def peak_gib(device: torch.device) -> Optional[float]:

@@ -13,7 +13,7 @@ import torch
 from ..core.schema import ExperimentConfig
 from ..model.prepare import uses_channels_last
 from ..data.image_cache import ImageCache, needed_short_side
-from ..data.device_input import training_inputs
+from ..data.device_input import has_device_share, training_inputs
 from ..data.loader import make_loader, training_dataset
 from ..data.transforms import train_start_side
 from .bench_common import Figure, images_per_second, plain, with_speed
@@ -53,7 +53,7 @@ def input_pipeline(bench, cache_root: Path) -> None:
                            ).images_per_s
     bench.add(Figure(SECTION, "decode every image, no workers (one core)", rate(base, None, 0), plain_rate))
     side = train_start_side(bench.cfg.augment, bench.cfg.input.img_size)
-    device_share = bench.cfg.augment.strong or bench.cfg.augment.extra_colour
+    device_share = has_device_share(bench.cfg.augment)
     for fmt in ("jpg", "npy"):
         cache = ImageCache(cache_root / fmt, needed_short_side(bench.cfg), fmt)
         bench.add(Figure(SECTION, f"{fmt} cache, cold (first epoch fills it)", rate(base, cache), plain_rate))
@@ -92,8 +92,7 @@ def device_stage(bench) -> None:
     under speed.gpu_augment."""
     size, batch = bench.cfg.input.img_size, bench.cfg.train.batch_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=bench.device)
-    augmenting = bench.cfg.augment.strong or bench.cfg.augment.extra_colour
-    for gpu_augment in (False, True) if augmenting else (False,):
+    for gpu_augment in (False, True) if has_device_share(bench.cfg.augment) else (False,):
         cfg = with_speed(bench.cfg, bench.cfg.train.amp, gpu_augment=gpu_augment)
         stage = training_inputs(cfg, bench.mean, bench.std, 0, uses_channels_last(cfg, bench.device))
         what = "normalise + pixel augmentations (speed.gpu_augment)" if gpu_augment else "normalise"

@@ -28,7 +28,6 @@ from ..data.competition import CompetitionData, load_competition_data
 from ..data.folds import shared_folds
 from ..data.image_cache import cache_for
 from ..inference.predictor import Predictor
-from ..model.checkpoints import drop_eval_caches
 
 CELL = 224  # pixels a picture of the grid is drawn at
 CAPTION = 58  # pixels of text under each picture: the predicted and true artist, the image's id
@@ -128,7 +127,6 @@ def explain_images(outputs: Path, name: str, data: CompetitionData, rows: pd.Dat
         if not checkpoint.is_file():
             raise UserError(f"{checkpoint} not found; finish {saved.source}'s fold {fold} first")
         predictor.load(checkpoint, data.classes)
-        drop_eval_caches(predictor.network)
         dataset = predictor.dataset(group["path"].tolist(), test=True)
         pixels = torch.stack([dataset[i][0] for i in range(len(dataset))])  # uint8, as the workers hand them over
         images = predictor.inputs(pixels.to(device), 0)  # normalised on the device, as prediction does

@@ -34,25 +34,24 @@ from ..core.config import resolve_config
 from ..core.errors import UserError
 from ..core.files import write_text
 from ..core.layout import ExperimentDir, FoldDir, read_saved
-from ..core.runtime import autocast_dtype, synchronize, worker_count
+from ..core.runtime import autocast_dtype, worker_count
 from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData, load_competition_data
 from ..data.folds import shared_folds
 from ..data.geometry import ValidationSet, validation_set
 from ..data.image_cache import ImageCache, cache_for
-from ..data.loader import ImageDataset, make_loader
-from ..data.transforms import build_train_transform
+from ..data.loader import make_loader, training_dataset
 from ..inference.predictor import Predictor
 from ..inference.probabilities import read_probs
 from ..model.checkpoints import load_weights
 from ..pipeline.resolve import resolve_with_data
 from ..pipeline.run import run_experiment
 from .bench import Bench, loop_setting, machine_line
-from .bench_common import peak_gib, reset_peak, waiting
+from .bench_common import peak_gib, reset_peak, timed_seconds, waiting
 
+RUN_PROFILE = "fast"  # configs/profiles/fast.yaml
 RUN_OVERRIDES = ["model.pretrained=false", "train.epochs=2", "train.patience=0", "train.folds=[0]",
-                 "train.keep_checkpoints=true", "speed.compile=true", "speed.image_cache=npy",
-                 "speed.train_cache=transform_start", "speed.gpu_augment=true"]  # configs/profiles/fast.yaml
+                 "train.keep_checkpoints=true"]
 # Probabilities of the same weights on the same device may differ by this much between two compiled graphs
 # under autocast; stale attention biases move them by far more.
 PROBABILITY_TOLERANCE = {"cuda": 2e-3, "cpu": 1e-5}
@@ -122,10 +121,9 @@ def augmentation_batches(cfg: ExperimentConfig, path: str, workers: int, epochs:
                          batches: int) -> list[torch.Tensor]:
     """Every batch of `epochs` epochs of a training loader built as the trainer builds it, over one painting
     repeated `batches` batches' worth: every image of them should differ."""
-    transform = build_train_transform(cfg, seed=cfg.seed)
     size = cfg.train.batch_size * batches
-    loader = make_loader(ImageDataset([path] * size, [0] * size, transform), cfg.train.batch_size, workers,
-                         torch.device("cpu"), train=True, seed=cfg.seed)
+    loader = make_loader(training_dataset(cfg, [path] * size, [0] * size, None, seed=cfg.seed), cfg.train.batch_size,
+                         workers, torch.device("cpu"), train=True, seed=cfg.seed)
     drawn = []
     for epoch in range(1, epochs + 1):
         loader.sampler.set_epoch(epoch)
@@ -167,11 +165,7 @@ def check_precision(cfg: ExperimentConfig, run_dir: ExperimentDir, device: torch
 
 def timed_prediction(predictor: Predictor, paths: list[str]) -> float:
     """images/s of a second pass over the test images (the first compiled the model and filled the cache)."""
-    synchronize(predictor.device)
-    started = time.perf_counter()
-    predictor.predict(paths)
-    synchronize(predictor.device)
-    return len(paths) / (time.perf_counter() - started)
+    return len(paths) / timed_seconds(lambda: predictor.predict(paths), predictor.device)[1]
 
 
 def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, overrides: list[str], steps: int,
@@ -184,7 +178,7 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         data_root = work / "data"
         log(f"gpucheck: demo paintings of 1,200-2,200 px in {data_root} (made once)")
         generate_demo_dataset(data_root, seed=0, scale=0.02, min_side=1200, max_side=2200)
-    cfg, _ = resolve_config(experiment, None, RUN_OVERRIDES + [f"speed.cache_dir={work / 'cache'}"] + overrides)
+    cfg, _ = resolve_config(experiment, RUN_PROFILE, RUN_OVERRIDES + [f"speed.cache_dir={work / 'cache'}"] + overrides)
     data = load_competition_data(data_root, cfg.data.label_fixes, log=lambda _: None)
     run = resolve_with_data(cfg, None, data, say=lambda _: None)
     cfg = run.cfg
@@ -200,8 +194,8 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
     folds = shared_folds(data, cfg.data.n_folds, cfg.data.fold_seed, run_outputs / "folds")
     val_rows = data.train[(folds["fold"] == 0).to_numpy()]
     history = pd.read_csv(fold_dir.history)
-    predictor = fresh_predictor(cfg, len(data.classes), device, fold_dir.best, data.classes,
-                                cache_for(cfg, run_outputs))
+    cache = cache_for(cfg, run_outputs)
+    predictor = fresh_predictor(cfg, len(data.classes), device, fold_dir.best, data.classes, cache)
     checks = [check_fold_predictions(predictor, data, fold_dir, validation_set(cfg, val_rows), cfg.train.epochs),
               check_reload_after_predicting(cfg, data, fold_dir, device),
               check_augmentation_streams(cfg, data.train["path"].iloc[0],
@@ -211,7 +205,6 @@ def run_gpucheck(data_root: Path | None, outputs: Path, device: torch.device, ov
         log(f"gpucheck: {check.name}: {'PASS' if check.passed else 'FAIL'} ({check.detail})")
     predict_rate = timed_prediction(predictor, data.test["path"].tolist())
     bench = Bench(cfg, data, len(data.train), steps, warmup=0, workers=None, log=lambda _: None, device=device)
-    cache = cache_for(cfg, run_outputs)
     loop, looped = bench.train_loop(bench.cfg, cache)
     peaks.append(peak_gib(device))
     peak = max((p for p in peaks if p is not None), default=None)

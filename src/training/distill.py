@@ -28,10 +28,6 @@ from .teachers import Teacher, read_teacher
 SECTION = "distill"
 
 
-def source(cfg: ExperimentConfig) -> Optional[str]:
-    return cfg.distill.source if cfg.distill else None
-
-
 def teacher_probs(teacher: Teacher, training: TrainingSet, fold: FoldContext) -> np.ndarray:
     """The teacher's fold k probabilities of every row of `training` (paintings, then crops)."""
     paintings = validation_set(fold.cfg, training.paintings)
@@ -60,7 +56,7 @@ def cached_teacher_probs(teacher: Teacher, training: TrainingSet, fold: FoldCont
 
 
 def extend(training: TrainingSet, fold: FoldContext) -> TrainingSet:
-    teacher = read_teacher(fold.outputs, fold.cfg.distill.source, "distill.from")
+    teacher = read_teacher(fold.outputs, fold.cfg.distill.source, f"{SECTION}.from")
     teacher.check(fold.cfg, fold.data)
     return training.with_targets(teacher=cached_teacher_probs(teacher, training, fold))
 

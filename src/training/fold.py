@@ -159,7 +159,7 @@ def train_fold(cfg: ExperimentConfig, data: CompetitionData, folds: pd.DataFrame
     if ctx.enabled:
         seed_everything(stream_seed)
     training_set = fold_training_set(TrainingSet(train_rows, len(data.classes)), FoldContext(
-        cfg, data, fold, fold_dir, fingerprint, outputs, device, ctx, image_cache, log))
+        cfg, data, fold, fold_dir, fingerprint, outputs, device, ctx, log))
     run = build_training(cfg, training_set, len(data.classes), device, ctx, image_cache, seed=stream_seed,
                          shared_seed=cfg.seed + fold)
     validation = validation_set(cfg, val_rows)

@@ -271,8 +271,9 @@ def train_one_epoch(run: Training, epoch: int, desc: str) -> EpochStats:
     started = time.perf_counter()
     batches = DeviceBatches(run.loader, device, run.inputs)
     progress = StepProgress(len(batches), desc, run.cfg.tracking.progress_seconds)
+    compiled = is_compiled(run.train_model)
     for images, targets in batches:
-        timing = run.compile_seconds is None and is_compiled(run.train_model)
+        timing = run.compile_seconds is None and compiled
         step_started = time.perf_counter()
         lrs.append(base_lr(run.optimizer))
         loss, step_parts = train_step(run, images, targets)

@@ -21,7 +21,6 @@ from ..core.errors import UserError
 from ..core.layout import FoldDir
 from ..core.schema import ExperimentConfig
 from ..data.competition import CompetitionData
-from ..data.image_cache import ImageCache
 from .losses import build_loss
 
 
@@ -66,7 +65,6 @@ class FoldContext:
     outputs: Path
     device: torch.device
     ctx: DistContext
-    image_cache: Optional[ImageCache]
     log: Callable[[str], None]
 
 

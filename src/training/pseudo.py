@@ -17,15 +17,11 @@ from .teachers import read_teacher
 SECTION = "pseudo"
 
 
-def source(cfg: ExperimentConfig) -> Optional[str]:
-    return cfg.pseudo.source if cfg.pseudo else None
-
-
 def extend(training: TrainingSet, fold: FoldContext) -> TrainingSet:
     """The test crops whose top fold-k teacher probability reaches the threshold, added with the teacher's top
     artist as their label, its probabilities as their target (soft) and their loss weight."""
     settings, test = fold.cfg.pseudo, fold.data.test
-    teacher = read_teacher(fold.outputs, settings.source, "pseudo.from")
+    teacher = read_teacher(fold.outputs, settings.source, f"{SECTION}.from")
     teacher.check(fold.cfg, fold.data)
     probs = teacher.fold_test_probs(fold.fold, test["id"], fold.data.classes)
     keep = probs.max(axis=1) >= settings.threshold

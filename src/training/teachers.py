@@ -66,29 +66,27 @@ class Teacher:
     role: str  # the config key that names it, for messages (pseudo.from, distill.from)
     members: tuple[Member, ...]
     method: str
-    weights_spec: object  # None (equal), a list, or {fold: weights} (fitted on the other folds)
+    ensemble: Optional[SavedRun]  # the ensemble's config.yaml, None for a single member
     identity: str
 
     def weights(self, fold: int) -> np.ndarray:
         """The members' weights for fold k: equal, as configured, or fitted without fold k's paintings."""
-        if self.weights_spec is None:
+        if self.ensemble is None:
             return np.ones(len(self.members))
-        if isinstance(self.weights_spec, dict):
-            per_fold = self.weights_spec
-            return np.asarray(per_fold[fold] if fold in per_fold else per_fold[str(fold)], dtype=float)
-        return np.asarray(self.weights_spec, dtype=float)
+        return np.asarray(self.ensemble.member_weights(fold), dtype=float)
 
     def check(self, cfg: ExperimentConfig, data: CompetitionData) -> None:
         """Every member trained on this data with these folds, or its fold k did not leave out fold k."""
+        fingerprint = data.fingerprint()
         for member in self.members:
             if (member.cfg.data.n_folds, member.cfg.data.fold_seed) != (cfg.data.n_folds, cfg.data.fold_seed):
                 raise UserError(f"{self.role}: {member.name} was trained with data.n_folds={member.cfg.data.n_folds} "
                                 f"data.fold_seed={member.cfg.data.fold_seed}, this run has {cfg.data.n_folds} and "
                                 f"{cfg.data.fold_seed}; a teacher's fold k must leave out the same paintings")
-            if member.data_fingerprint != data.fingerprint():
+            if member.data_fingerprint != fingerprint:
                 raise UserError(f"{self.role}: {member.name} was trained on other data than {data.root} (its data "
                                 f"fingerprint {member.data_fingerprint or 'unknown'}, this data's "
-                                f"{data.fingerprint()}); rerun it on this data")
+                                f"{fingerprint}); rerun it on this data")
 
     def _done(self, member: Member, fold: int) -> None:
         """Stop unless the member's fold k model is done with the config its config.yaml records, and its fold k
@@ -143,9 +141,6 @@ def read_teacher(outputs: Path, name: str, role: str) -> Teacher:
         member = _member(outputs, saved, role)
         return Teacher(name, role, (member,), "soft", None, member.identity)
     members = tuple(_member(outputs, read_saved(outputs / member), role) for member in saved.members)
-    spec = saved.raw.get("weights")
-    weights = saved.raw["fitted"]["weights_per_fold"] if spec == "fit" else spec
-    method = saved.raw.get("method", "soft")
-    identity = _digest({"members": [m.identity for m in members], "method": method, "weights": spec,
-                        "seed": saved.raw.get("seed", 0)})
-    return Teacher(name, role, members, method, weights, identity)
+    identity = _digest({"members": [m.identity for m in members], "method": saved.method,
+                        "weights": saved.raw.get("weights"), "seed": saved.raw.get("seed", 0)})
+    return Teacher(name, role, members, saved.method, saved, identity)

@@ -1,8 +1,8 @@
 """The techniques that change what a batch teaches, each one module beside the objective (src/training/objective.py):
-`SECTION` (its config section, None when off), `source(cfg)` (the finished run it learns from), `extend(training set,
-FoldContext)` (rows and per-row targets it adds to a fold) and `term(cfg)` (its part of the loss, or None). Adding
-one: its module, its section in src/core/schema.py, a line here, and its tests; the loop, the fold and the run do not
-change."""
+`SECTION` (its config section, None when off; the section's `from` names the finished run it learns from),
+`extend(training set, FoldContext)` (rows and per-row targets it adds to a fold) and `term(cfg)` (its part of the
+loss, or None). Adding one: its module, its section in src/core/schema.py, a line here, and its tests; the loop, the
+fold and the run do not change."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +41,8 @@ def sources(cfg: ExperimentConfig, outputs: Path) -> dict[str, str]:
         raise UserError(f"{cfg.name}: pseudo and distill train a network, frozen fits a classifier on frozen features "
                         "instead; set frozen=null, or remove pseudo and distill")
     for technique in active(cfg):
-        key = f"{technique.SECTION}.from"
-        if technique.source(cfg) == cfg.name:
+        key, source = f"{technique.SECTION}.from", getattr(cfg, technique.SECTION).source
+        if source == cfg.name:
             raise UserError(f"{key}: {cfg.name} cannot learn from itself; name a finished experiment or ensemble")
-        identities[key] = read_teacher(outputs, technique.source(cfg), key).identity
+        identities[key] = read_teacher(outputs, source, key).identity
     return identities
