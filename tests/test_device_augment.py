@@ -244,6 +244,21 @@ def test_the_device_augmentation_of_a_batch_follows_from_the_seed_epoch_and_batc
     assert len({batch_seed(0, epoch, batch) for epoch in range(3) for batch in range(3)}) == 9
 
 
+def test_the_device_augmentation_leaves_the_cuda_generators_to_dropout_and_drop_path(monkeypatch):
+    """The batch's seed goes to the CPU generator kornia draws from, never to CUDA's (torch.manual_seed would reseed
+    every GPU, whose stream dropout and drop path draw from, and fork_rng(devices=[]) would not restore it)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseeded.append)
+    cfg, _ = resolve_config("exp07", None)
+    stage = InputStage((0.5,) * 3, (0.5,) * 3, device_augmentations(cfg.augment), seed=0)
+    stage(torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8), 0)
+    stage(torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8), 1, torch.tensor([True, False, True, False]))
+    assert reseeded == []
+    torch.manual_seed(0)
+    assert reseeded == [0], "the check does not see torch's reseeding of the GPUs"
+
+
 def test_pseudo_labelled_crops_keep_the_light_augmentation_when_the_device_augments_the_paintings():
     """A batch of paintings and test crops (pseudo-labels) under speed.gpu_augment: the dataset marks the paintings,
     DeviceBatches takes the mark off the targets, and the device augments the paintings alone; a crop is only

@@ -199,8 +199,8 @@ def hold_lock(path: Path) -> subprocess.Popen:
 @pytest.mark.slow
 def test_a_run_refused_by_another_runs_lock_leaves_its_config_yaml_alone(finished_run, tmp_path, capsys):
     """Run A trains exp00 (its config.yaml written, fold 1 finished, fold 0's lock held); run B of another input size
-    is refused, whether it asks for fold 0 or for a fold A does not hold (with --restart too), and config.yaml and
-    fold 1 are still A's."""
+    is refused, whether it asks for fold 0 or for a fold A does not hold (with --restart too), and so is A's own
+    config under --gpus; config.yaml and fold 1 are still A's."""
     outputs = tmp_path / "outputs"
     (outputs / "exp00").mkdir(parents=True)
     shutil.copy(finished_run["exp"] / "config.yaml", outputs / "exp00" / "config.yaml")
@@ -211,6 +211,9 @@ def test_a_run_refused_by_another_runs_lock_leaves_its_config_yaml_alone(finishe
         args = ["run", "exp00", "--data", finished_run["root"], "--outputs", outputs, "--submissions", tmp_path / "s",
                 *TINY_RUN, "input.img_size=64"]
         assert run_cli(*args) == 2
+        assert "training exp00 fold 0 is in progress in run A" in one_error_line(capsys)
+        same_config = [arg for arg in args if arg != "input.img_size=64"]
+        assert run_cli(*same_config, "--gpus", "0,0") == 2  # refused before a fold job's log replaces A's
         assert "training exp00 fold 0 is in progress in run A" in one_error_line(capsys)
         for restart in ([], ["--restart"]):
             assert run_cli(*args, "train.folds=[1]", *restart) == 2
